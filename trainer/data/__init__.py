@@ -1,0 +1,28 @@
+"""The data layer: shard sources, the streaming webdataset pipeline, transforms, shard writing.
+
+Free of Lightning and Hydra, so it can be used and tested on its own.
+"""
+
+from trainer.data.pipeline import DataStats, FaultCounter, SampleFilter, ShardDataset, ShardLoader
+from trainer.data.shards import ShardWriter, encode_image, read_manifest
+from trainer.data.sources import Source, check_sources, expand_urls, open_url, resolve_sources
+from trainer.data.transforms import ImageTransform, decode_image, denormalize
+
+__all__ = [
+    "DataStats",
+    "FaultCounter",
+    "ImageTransform",
+    "SampleFilter",
+    "ShardDataset",
+    "ShardLoader",
+    "ShardWriter",
+    "Source",
+    "check_sources",
+    "decode_image",
+    "denormalize",
+    "encode_image",
+    "expand_urls",
+    "open_url",
+    "read_manifest",
+    "resolve_sources",
+]

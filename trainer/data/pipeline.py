@@ -1,0 +1,355 @@
+"""The streaming webdataset pipeline, as an explicit list of stages.
+
+    shard list -> seeded per-epoch shard shuffle -> split by rank -> split by worker
+      -> tar to samples (webdataset) -> sample shuffle buffer -> decode -> caption -> filters
+      -> image transform -> batch + collate (+ optional tokenization) -> {image, caption, key, ...}
+
+Two epoch modes:
+
+- ``exact``: every sample of the shard list exactly once per epoch across all ranks and workers.
+  The shard order is shuffled with a seed that depends only on ``(seed, epoch)``, so every rank
+  computes the same permutation, and then rank ``r`` of ``R`` takes shards ``r::R`` and worker ``w``
+  of ``W`` of those takes ``w::W``. (Shuffling before the split, rather than after, lets a shard move
+  between ranks from one epoch to the next; it is still a partition.)
+- ``resampled``: shards are drawn with replacement, forever, and an epoch is cut at a fixed length
+  (``epoch_length`` samples across all ranks). Use it for multi-node runs where shards do not
+  divide evenly among ranks; several sources are mixed with their weights.
+
+Faults never stop the run: a broken image, a missing caption or image, bad json, a truncated or
+unreadable tar is skipped, counted in :class:`FaultCounter` and logged with its shard URL and key.
+Each batch carries its worker's cumulative counts under ``"data_stats"`` so the training side can
+add them up across workers and ranks and log them as metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from trainer.data.sources import Source, check_sources, open_url, resolve_sources
+from trainer.data.transforms import ImageTransform, decode_image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MODES = ("exact", "resampled")
+# Sample-level skip reasons; "filtered" (rejected by a metadata filter) is counted but is no fault.
+FAULTS = ("broken_image", "missing_image", "missing_caption", "bad_json", "shard_error")
+
+
+class FaultCounter:
+    """Counts skipped samples by reason and logs them (the first few of each reason, then every 1000th)."""
+
+    def __init__(self, where: str = "", log_first: int = 5):
+        self.counts: Counter[str] = Counter()
+        self.where = where
+        self.log_first = log_first
+
+    def skip(self, reason: str, url: Any = None, key: Any = None, error: BaseException | None = None) -> None:
+        self.counts[reason] += 1
+        n = self.counts[reason]
+        if reason != "filtered" and (n <= self.log_first or n % 1000 == 0):
+            detail = f": {type(error).__name__}: {error}" if error is not None else ""
+            log.warning("skipped sample (%s #%d)%s shard=%s key=%s%s", reason, n, self.where, url, key, detail)
+
+    def shard_error(self, error: BaseException) -> bool:
+        """A webdataset exception handler: count and log, then continue with the next shard."""
+        url = next((a for a in reversed(error.args) if isinstance(a, str) and a != str(error.args[0])), None)
+        self.skip("shard_error", url, None, error)
+        return True
+
+
+@dataclass
+class SampleFilter:
+    """Metadata filters; sizes come from the sample's json (``width``/``height``) or else the image."""
+
+    min_width: int = 0
+    min_height: int = 0
+    min_aspect: float | None = None  # width / height
+    max_aspect: float | None = None
+    min_caption_length: int = 0  # characters
+    max_caption_length: int | None = None
+
+    def accepts_caption(self, caption: str) -> bool:
+        n = len(caption)
+        return n >= self.min_caption_length and (self.max_caption_length is None or n <= self.max_caption_length)
+
+    def accepts_size(self, width: int, height: int) -> bool:
+        if width < self.min_width or height < self.min_height:
+            return False
+        aspect = width / max(height, 1)
+        if self.min_aspect is not None and aspect < self.min_aspect:
+            return False
+        return not (self.max_aspect is not None and aspect > self.max_aspect)
+
+
+def _seeded(*parts: Any) -> random.Random:
+    return random.Random(":".join(str(p) for p in parts))
+
+
+class ShardDataset(IterableDataset):
+    """An iterable of collated batches streamed from webdataset shards; see the module docstring.
+
+    ``rank`` and ``world_size`` are given explicitly (the data module reads them from the trainer),
+    so the same object works in one process, under DDP, and in tests that play several ranks.
+    ``num_workers`` is what the loader will use; it is checked against the shard count up front.
+    """
+
+    def __init__(
+        self,
+        urls: Any,
+        *,
+        batch_size: int,
+        mode: str = "exact",
+        epoch_length: int | None = None,
+        transform: ImageTransform | None = None,
+        caption_key: str = "txt",
+        require_caption: bool = True,
+        filters: SampleFilter | None = None,
+        tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        name: str = "data",
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"{name}.mode must be one of {MODES}, got {mode!r}")
+        if batch_size < 1:
+            raise ValueError(f"{name}.batch_size must be at least 1, got {batch_size}")
+        if not (caption_key == "txt" or caption_key.startswith("json:")):
+            raise ValueError(f"{name}.caption_key must be 'txt' or 'json:<field>', got {caption_key!r}")
+        self.sources: list[Source] = resolve_sources(urls)
+        check_sources(self.sources, name)
+        self.mode, self.batch_size, self.name = mode, batch_size, name
+        self.transform = transform or ImageTransform()
+        self.caption_key, self.require_caption = caption_key, require_caption
+        self.filters, self.tokenizer = filters, tokenizer
+        self.shuffle, self.shuffle_buffer, self.seed, self.drop_last = shuffle, shuffle_buffer, seed, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        workers = max(1, num_workers)
+        if mode == "exact":
+            if len({s.weight for s in self.sources}) > 1:
+                raise ValueError(
+                    f"{name}: source weights only apply with mode=resampled; exact mode reads every shard once"
+                )
+            n = len(self.urls)
+            if n < world_size * workers:
+                raise ValueError(
+                    f"{name}: exact mode needs at least one shard per rank and worker, but there are {n} shards "
+                    f"for {world_size} ranks x {workers} workers = {world_size * workers} readers (a rank "
+                    f"without a shard would hang DDP). Write more, smaller shards (tools/make_shards.py "
+                    f"--samples-per-shard), lower num_workers, or use mode=resampled with an epoch_length."
+                )
+            self.epoch_length = None
+        else:
+            if not epoch_length or epoch_length < 1:
+                raise ValueError(f"{name}: mode=resampled needs epoch_length (samples per epoch, all ranks together)")
+            self.epoch_length = epoch_length
+            if self.batches_per_rank < 1:
+                raise ValueError(
+                    f"{name}: epoch_length={epoch_length} is less than one batch per rank "
+                    f"({world_size} ranks x batch_size {batch_size})"
+                )
+
+    @property
+    def urls(self) -> list[str]:
+        return [url for source in self.sources for url in source.urls]
+
+    @property
+    def batches_per_rank(self) -> int:
+        if self.epoch_length is None:
+            raise TypeError("the length of an exact-mode epoch is not known before reading it")
+        return self.epoch_length // (self.world_size * self.batch_size)
+
+    def __len__(self) -> int:
+        return self.batches_per_rank
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def shards_for(self, worker: int, num_workers: int, epoch: int | None = None) -> list[str]:
+        """Exact mode: the shards that ``worker`` of this rank reads in ``epoch``."""
+        shards = list(self.urls)
+        if self.shuffle:
+            _seeded(self.seed, epoch if epoch is not None else self.epoch).shuffle(shards)
+        return shards[self.rank :: self.world_size][worker::num_workers]
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def _read(self, urls: Iterator[str], faults: FaultCounter) -> Iterator[dict]:
+        """Tar shards to samples, with shard errors counted and skipped."""
+
+        def streams():
+            for url in urls:
+                try:
+                    stream = open_url(url)
+                except Exception as error:  # noqa: BLE001 - any unreadable shard is skipped
+                    error.args = (*error.args, url)
+                    faults.shard_error(error)
+                    continue
+                try:
+                    yield {"url": url, "stream": stream}
+                finally:  # the reader has moved on to the next shard (or stopped)
+                    stream.close()
+
+        files = wds.tariterators.tar_file_expander(streams(), handler=faults.shard_error)
+        return wds.tariterators.group_by_keys(files, handler=faults.shard_error)
+
+    def _resampled(self, rng: random.Random, faults: FaultCounter) -> Iterator[dict]:
+        def endless(source: Source) -> Iterator[dict]:
+            empty = 0
+            while True:
+                got = False
+                for sample in self._read(iter([rng.choice(source.urls)]), faults):
+                    got = True
+                    yield sample
+                empty = 0 if got else empty + 1
+                if empty > max(50, 5 * len(source.urls)):
+                    raise RuntimeError(f"{self.name}: no readable sample in {empty} shards drawn from {source.name!r}")
+
+        streams = [endless(source) for source in self.sources]
+        weights = [source.weight for source in self.sources]
+        indices = range(len(streams))
+        while True:
+            yield next(streams[rng.choices(indices, weights)[0]])
+
+    def _caption(self, sample: dict, meta: dict) -> str | None:
+        if self.caption_key == "txt":
+            raw = sample.get("txt")
+            caption = raw.decode("utf-8", errors="replace") if raw is not None else None
+        else:
+            value = meta.get(self.caption_key[5:])
+            caption = str(value) if value is not None else None
+        return caption.strip() if caption is not None else None
+
+    def _process(self, sample: dict, rng: random.Random, faults: FaultCounter) -> dict | None:
+        url, key = sample.get("__url__"), sample.get("__key__")
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if ext is None:
+            return faults.skip("missing_image", url, key)
+        try:
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+            if not isinstance(meta, dict):
+                raise ValueError("the json member is not an object")
+        except ValueError as error:
+            return faults.skip("bad_json", url, key, error)
+        caption = self._caption(sample, meta)
+        if not caption:
+            if self.require_caption:
+                return faults.skip("missing_caption", url, key)
+            caption = ""
+        if self.filters is not None:
+            width, height = meta.get("width"), meta.get("height")
+            if not self.filters.accepts_caption(caption) or (
+                isinstance(width, int) and isinstance(height, int) and not self.filters.accepts_size(width, height)
+            ):
+                return faults.skip("filtered", url, key)
+        try:
+            image = decode_image(sample[ext], min_side=self.transform.size)
+        except Exception as error:  # noqa: BLE001 - Pillow raises many kinds for broken files
+            return faults.skip("broken_image", url, key, error)
+        if self.filters is not None and not ("width" in meta and "height" in meta):
+            if not self.filters.accepts_size(*image.size):
+                return faults.skip("filtered", url, key)
+        return {"image": self.transform(image, rng), "caption": caption, "key": key, "url": url, "meta": meta}
+
+    def _collate(self, samples: list[dict], stats: dict) -> dict:
+        batch = {
+            "image": torch.stack([s["image"] for s in samples]),
+            "caption": [s["caption"] for s in samples],
+            "key": [s["key"] for s in samples],
+            "url": [s["url"] for s in samples],
+            "meta": [s["meta"] for s in samples],
+            "data_stats": stats,
+        }
+        if self.tokenizer is not None:
+            batch["tokens"] = self.tokenizer(batch["caption"])
+        return batch
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.epoch
+        rng = _seeded(self.seed, epoch, self.rank, worker)
+        faults = FaultCounter(where=f" [{self.name} rank {self.rank} worker {worker}]")
+        if self.mode == "exact":
+            samples = self._read(iter(self.shards_for(worker, num_workers, epoch)), faults)
+            max_batches = None
+        else:
+            samples = self._resampled(rng, faults)
+            per_rank = self.batches_per_rank
+            max_batches = per_rank // num_workers + (worker < per_rank % num_workers)
+        if self.shuffle and self.shuffle_buffer > 1:
+            samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(samples)
+
+        produced, batch = 0, []
+        for sample in samples:
+            if max_batches is not None and produced >= max_batches:
+                break
+            item = self._process(sample, rng, faults)
+            if item is None:
+                continue
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield self._collate(batch, self._stats(worker, faults))
+                produced, batch = produced + 1, []
+        if batch and not self.drop_last and (max_batches is None or produced < max_batches):
+            yield self._collate(batch, self._stats(worker, faults))
+
+    def _stats(self, worker: int, faults: FaultCounter) -> dict:
+        return {"rank": self.rank, "worker": worker, "epoch": self.epoch, "counts": dict(faults.counts)}
+
+
+class ShardLoader(DataLoader):
+    """A DataLoader over a :class:`ShardDataset` that advances the dataset's epoch on every ``iter()``.
+
+    Each new iteration (one per training epoch) starts fresh workers with the next epoch number, so
+    the shard order and shuffles change per epoch while staying reproducible from the seed.
+    """
+
+    def __init__(self, dataset: ShardDataset, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2):
+        super().__init__(
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            persistent_workers=False,
+        )
+        self.next_epoch = 0
+
+    def __iter__(self):
+        self.dataset.set_epoch(self.next_epoch)
+        self.next_epoch += 1
+        return super().__iter__()
+
+
+class DataStats:
+    """Adds up the per-worker cumulative fault counts that batches carry (``batch["data_stats"]``)."""
+
+    def __init__(self) -> None:
+        self._latest: dict[tuple[int, int, int], dict[str, int]] = {}
+
+    def update(self, stats: dict) -> None:
+        self._latest[(stats["epoch"], stats["rank"], stats["worker"])] = stats["counts"]
+
+    def totals(self) -> dict[str, int]:
+        total: Counter[str] = Counter()
+        for counts in self._latest.values():
+            total.update(counts)
+        return {reason: total.get(reason, 0) for reason in (*FAULTS, "filtered")}
