@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer.data.sources import Source, check_sources, open_url, resolve_sources
 from trainer.data.transforms import ImageTransform, decode_image
+from trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +128,11 @@ class ShardDataset(IterableDataset):
     ):
         super().__init__()
         if mode not in MODES:
-            raise ValueError(f"{name}.mode must be one of {MODES}, got {mode!r}")
+            raise ConfigError(f"{name}.mode must be one of {MODES}, got {mode!r}")
         if batch_size < 1:
-            raise ValueError(f"{name}.batch_size must be at least 1, got {batch_size}")
+            raise ConfigError(f"{name}.batch_size must be at least 1, got {batch_size}")
         if not (caption_key == "txt" or caption_key.startswith("json:")):
-            raise ValueError(f"{name}.caption_key must be 'txt' or 'json:<field>', got {caption_key!r}")
+            raise ConfigError(f"{name}.caption_key must be 'txt' or 'json:<field>', got {caption_key!r}")
         self.sources: list[Source] = resolve_sources(urls)
         check_sources(self.sources, name)
         self.mode, self.batch_size, self.name = mode, batch_size, name
@@ -144,12 +145,12 @@ class ShardDataset(IterableDataset):
         workers = max(1, num_workers)
         if mode == "exact":
             if len({s.weight for s in self.sources}) > 1:
-                raise ValueError(
+                raise ConfigError(
                     f"{name}: source weights only apply with mode=resampled; exact mode reads every shard once"
                 )
             n = len(self.urls)
             if n < world_size * workers:
-                raise ValueError(
+                raise ConfigError(
                     f"{name}: exact mode needs at least one shard per rank and worker, but there are {n} shards "
                     f"for {world_size} ranks x {workers} workers = {world_size * workers} readers (a rank "
                     f"without a shard would hang DDP). Write more, smaller shards (tools/make_shards.py "
@@ -158,10 +159,10 @@ class ShardDataset(IterableDataset):
             self.epoch_length = None
         else:
             if not epoch_length or epoch_length < 1:
-                raise ValueError(f"{name}: mode=resampled needs epoch_length (samples per epoch, all ranks together)")
+                raise ConfigError(f"{name}: mode=resampled needs epoch_length (samples per epoch, all ranks together)")
             self.epoch_length = epoch_length
             if self.batches_per_rank < 1:
-                raise ValueError(
+                raise ConfigError(
                     f"{name}: epoch_length={epoch_length} is less than one batch per rank "
                     f"({world_size} ranks x batch_size {batch_size})"
                 )

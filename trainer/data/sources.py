@@ -28,6 +28,8 @@ from typing import IO, Any
 
 import braceexpand
 
+from trainer.errors import ConfigError, MissingDependencyError, MissingFileError
+
 LOCAL_SCHEMES = ("", "file")
 GOPEN_SCHEMES = ("http", "https", "pipe")
 
@@ -68,7 +70,7 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
 
 def _manifest_urls(path: str) -> list[str]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"shard manifest {path} does not exist; make the shards first")
+        raise MissingFileError(f"shard manifest {path} does not exist; make the shards first")
     with open(path) as f:
         manifest = json.load(f)
     folder = os.path.dirname(path)
@@ -84,7 +86,7 @@ def resolve_sources(spec: Any) -> list[Source]:
     if isinstance(spec, Mapping):
         spec = [spec]
     if not isinstance(spec, Iterable):
-        raise TypeError(f"shard URLs must be a string, a list of strings or a list of {{urls, weight}}; got {spec!r}")
+        raise ConfigError(f"shard URLs must be a string, a list of strings or a list of {{urls, weight}}; got {spec!r}")
     items = list(spec)
     if all(isinstance(item, str) for item in items):
         return [Source(expand_urls(items), 1.0, ",".join(items)[:80])]
@@ -94,10 +96,10 @@ def resolve_sources(spec: Any) -> list[Source]:
             sources.append(Source(expand_urls(item), 1.0, item))
             continue
         if not isinstance(item, Mapping) or "urls" not in item:
-            raise TypeError(f"a shard source must be a string or a mapping with 'urls' (and 'weight'); got {item!r}")
+            raise ConfigError(f"a shard source must be a string or a mapping with 'urls' (and 'weight'); got {item!r}")
         weight = float(item.get("weight", 1.0))
         if weight <= 0:
-            raise ValueError(f"source {item['urls']!r} has weight {weight}; weights must be positive")
+            raise ConfigError(f"source {item['urls']!r} has weight {weight}; weights must be positive")
         name = str(item.get("name") or item["urls"])
         sources.append(Source(expand_urls(item["urls"]), weight, name))
     return sources
@@ -116,18 +118,18 @@ def local_path(url: str) -> str | None:
 def check_sources(sources: list[Source], what: str = "data") -> None:
     """Fail before training starts, with a message that says what to do, on shard lists that cannot work."""
     if not sources or not any(source.urls for source in sources):
-        raise ValueError(
+        raise ConfigError(
             f"{what}: the shard URL list is empty. Set it to a brace pattern such as "
             f"'shards/train-{{000000..000009}}.tar', a list of URLs, or make shards first "
             f"(python -m trainer.data.shapes --out DIR, or tools/make_shards.py)."
         )
     for source in sources:
         if not source.urls:
-            raise ValueError(f"{what}: source {source.name!r} expands to no URLs")
+            raise ConfigError(f"{what}: source {source.name!r} expands to no URLs")
         missing = [url for url in source.urls if (path := local_path(url)) is not None and not os.path.isfile(path)]
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{what}: {len(missing)} of {len(source.urls)} local shards do not exist: {shown}. "
                 f"Check the path and brace range (cwd is {os.getcwd()})."
             )
@@ -145,9 +147,9 @@ def _fsspec_filesystem(url: str):
     try:
         return fsspec.filesystem(protocol)
     except ValueError as exc:
-        raise ValueError(f"shard URL {url!r}: fsspec knows no filesystem for '{protocol}://'") from exc
+        raise ConfigError(f"shard URL {url!r}: fsspec knows no filesystem for '{protocol}://'") from exc
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependencyError(
             f"shard URL {url!r} needs the fsspec filesystem package for '{protocol}://' "
             f"(e.g. 'pip install s3fs' for s3://, 'pip install gcsfs' for gs://): {exc}"
         ) from exc

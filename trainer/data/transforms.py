@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from trainer.errors import ConfigError
+
 # The statistics images are normalized with. "clip" is what open_clip's models expect; "symmetric"
 # maps [0, 1] to [-1, 1], which is what the autoencoder and diffusion stages use.
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -62,14 +64,14 @@ class ImageTransform:
 
     def __post_init__(self) -> None:
         if self.size < 1:
-            raise ValueError(f"image size must be positive, got {self.size}")
+            raise ConfigError(f"image size must be positive, got {self.size}")
         if self.crop not in CROPS:
-            raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
+            raise ConfigError(f"crop must be one of {CROPS}, got {self.crop!r}")
         if self.resample not in RESAMPLE:
-            raise ValueError(f"resample must be one of {sorted(RESAMPLE)}, got {self.resample!r}")
+            raise ConfigError(f"resample must be one of {sorted(RESAMPLE)}, got {self.resample!r}")
         if isinstance(self.normalize, str):
             if self.normalize not in NORMALIZATIONS:
-                raise ValueError(f"normalize must be one of {sorted(NORMALIZATIONS)} or [mean, std]; got {self.normalize!r}")
+                raise ConfigError(f"normalize must be one of {sorted(NORMALIZATIONS)} or [mean, std]; got {self.normalize!r}")
             mean, std = NORMALIZATIONS[self.normalize]
         else:
             mean, std = self.normalize

@@ -1,0 +1,109 @@
+"""The Lightning side of the data layer: builds train/val :class:`ShardDataset` loaders per rank.
+
+Rank and world size come from the trainer at ``setup()`` time (after the distributed environment
+exists), so each rank streams its own part of the shards. ``prepare`` (e.g. generating the shapes
+shards when missing) runs once, on the first rank of each node, before that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from trainer.data.pipeline import SampleFilter, ShardDataset, ShardLoader
+from trainer.data.sources import resolve_sources
+from trainer.data.transforms import ImageTransform
+from trainer.errors import ConfigError
+
+
+class ShardDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        train: Mapping[str, Any],
+        val: Mapping[str, Any] | None = None,
+        batch_size: int = 64,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        image_size: int = 256,
+        crop: str = "center",
+        flip: bool = False,
+        normalize: str | list = "clip",
+        caption_key: str = "txt",
+        require_caption: bool = True,
+        filters: Mapping[str, Any] | None = None,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+        prepare: Callable[[], Any] | None = None,
+        tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+    ):
+        super().__init__()
+        if "urls" not in train:
+            raise ConfigError("data.train needs 'urls' (a brace pattern, a list, a manifest, or weighted sources)")
+        self.train_spec, self.val_spec = dict(train), dict(val or {})
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.normalize = normalize if isinstance(normalize, str) else [list(v) for v in normalize]
+        self.train_transform = ImageTransform(image_size, crop=crop, flip=flip, normalize=self.normalize)
+        self.val_transform = ImageTransform(image_size, crop="center", flip=False, normalize=self.normalize)
+        self.caption_key, self.require_caption = caption_key, require_caption
+        self.filters = SampleFilter(**filters) if filters else None
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.prepare, self.tokenizer = prepare, tokenizer
+        self.train_set: ShardDataset | None = None
+        self.val_set: ShardDataset | None = None
+
+    def prepare_data(self) -> None:
+        if self.prepare is not None:
+            self.prepare()
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _dataset(self, spec: dict, *, train: bool, num_workers: int) -> ShardDataset:
+        rank, world_size = self._rank_world()
+        return ShardDataset(
+            spec["urls"],
+            batch_size=self.batch_size if train else self.val_batch_size,
+            mode=spec.get("mode", "exact"),
+            epoch_length=spec.get("epoch_length"),
+            transform=self.train_transform if train else self.val_transform,
+            caption_key=self.caption_key,
+            require_caption=self.require_caption,
+            filters=self.filters,
+            tokenizer=self.tokenizer,
+            shuffle=train,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            drop_last=train,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+            name="data.train" if train else "data.val",
+        )
+
+    def val_workers(self) -> int:
+        """Validation reads in exact mode; use no more workers than each rank has shards for."""
+        _, world_size = self._rank_world()
+        shards = sum(len(s.urls) for s in resolve_sources(self.val_spec["urls"]))
+        return max(0, min(self.num_workers, shards // max(world_size, 1)))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None and stage in (None, "fit"):
+            self.train_set = self._dataset(self.train_spec, train=True, num_workers=self.num_workers)
+        if self.val_set is None and self.val_spec.get("urls"):
+            self.val_set = self._dataset(self.val_spec, train=False, num_workers=self.val_workers())
+
+    def train_dataloader(self) -> ShardLoader:
+        return ShardLoader(self.train_set, num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def val_dataloader(self) -> ShardLoader | list:
+        if self.val_set is None:
+            return []
+        return ShardLoader(self.val_set, num_workers=self.val_workers(), pin_memory=self.pin_memory)

@@ -1,0 +1,19 @@
+"""Errors that mean "the user asked for something that cannot work": the entry point prints them
+as one clear line (what is wrong and what to do) instead of a stack trace. They subclass the
+built-in exception of the same meaning, so callers may catch either."""
+
+
+class UserError(Exception):
+    """Base of errors caused by input or configuration, with a message that says what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value that cannot work."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or shard the run needs does not exist."""
+
+
+class MissingDependencyError(UserError, ImportError):
+    """An optional package needed for what was asked is not installed."""

@@ -1,0 +1,213 @@
+"""Stage 1: contrastive image-text training of an open_clip model.
+
+The model, tokenizer and losses are open_clip's; this module adds what training needs around them:
+parameter groups without weight decay on gains, biases, embeddings and the logit scale, warmup then
+cosine, tower locking, the logit-scale clamp, and evaluation on held-out shards (retrieval recall@k,
+zero-shot classification).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss, SigLipLoss
+
+from trainer.errors import ConfigError
+from trainer.models.clip import LOGIT_SCALE_MAX, build_clip
+
+LOSSES = ("clip", "siglip")
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Gains, biases, embeddings and the logit scale/bias are not decayed (as in open_clip)."""
+    return param.ndim < 2 or any(s in name for s in ("bias", "ln", "bn", "norm", "logit_", "embedding"))
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
+    """LR multiplier: linear warmup from ~0 to 1, then cosine decay to ``min_lr_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
+    """Recall@k of matching pairs (row i of each) for image->text and text->image retrieval."""
+    similarity = image_features @ text_features.T  # (N images, N texts)
+    target = torch.arange(len(similarity), device=similarity.device)
+    metrics = {}
+    for direction, scores in (("image_to_text", similarity), ("text_to_image", similarity.T)):
+        # rank of the true match = number of candidates scored strictly higher
+        true_scores = scores[target, target].unsqueeze(1)
+        rank = (scores > true_scores).sum(dim=1)
+        for k in ks:
+            metrics[f"{direction}_R@{k}"] = (rank < k).float().mean().item()
+    return metrics
+
+
+def _zero_shot_spec(spec: Any) -> dict[str, dict]:
+    if spec is None:
+        return {}
+    if spec == "shapes":
+        from trainer.data.shapes import zero_shot_classes
+
+        return zero_shot_classes()
+    if isinstance(spec, Mapping):
+        for attribute, entry in spec.items():
+            if not {"classes", "templates", "field"} <= set(entry):
+                raise ConfigError(f"task.zero_shot.{attribute} needs classes, templates and field")
+        return {k: dict(v) for k, v in spec.items()}
+    raise ConfigError(f"task.zero_shot must be null, 'shapes' or a mapping of attributes; got {spec!r}")
+
+
+class CLIPTask(pl.LightningModule):
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        loss: str = "clip",
+        local_loss: bool = True,
+        gather_with_grad: bool = True,
+        lock_image: bool = False,
+        lock_text: bool = False,
+        grad_checkpointing: bool = False,
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        zero_shot: Any = None,
+        retrieval_ks: Sequence[int] = (1, 5, 10),
+    ):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ConfigError(f"task.loss must be one of {LOSSES}, got {loss!r}")
+        self.save_hyperparameters()
+        self.model, self.tokenizer = build_clip(
+            model["name"], model.get("config"), model.get("pretrained"), siglip=loss == "siglip"
+        )
+        if lock_image:
+            self.model.lock_image_tower()
+        if lock_text:
+            self.model.lock_text_tower()
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.optimizer_cfg = {"lr": 5e-4, "weight_decay": 0.2, "betas": (0.9, 0.98), "eps": 1e-6, **(optimizer or {})}
+        self.scheduler_cfg = {"warmup_steps": 0, "total_steps": None, "min_lr_ratio": 0.0, **(scheduler or {})}
+        self.zero_shot = _zero_shot_spec(zero_shot)
+        self.retrieval_ks = tuple(retrieval_ks)
+        self.loss_fn: torch.nn.Module | None = None
+        self._val_outputs: list[dict] = []
+
+    def setup(self, stage: str) -> None:
+        rank, world_size = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        if self.hparams.loss == "clip":
+            self.loss_fn = ClipLoss(
+                local_loss=self.hparams.local_loss,
+                gather_with_grad=self.hparams.gather_with_grad,
+                cache_labels=True,
+                rank=rank,
+                world_size=world_size,
+            )
+        else:
+            self.loss_fn = SigLipLoss(rank=rank, world_size=world_size)
+
+    def contrastive_loss(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        out = self.model(images, tokens)
+        args = [out["image_features"], out["text_features"], out["logit_scale"]]
+        if "logit_bias" in out:
+            args.append(out["logit_bias"])
+        return self.loss_fn(*args), out
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, out = self.contrastive_loss(batch["image"], batch["tokens"])
+        batch_size = len(batch["image"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/logit_scale", out["logit_scale"].detach().float(), batch_size=batch_size)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        with torch.no_grad():  # keep the temperature in range, as open_clip does after each step
+            self.model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self.model(batch["image"], batch["tokens"])
+        self._val_outputs.append(
+            {
+                "image": out["image_features"].float(),
+                "text": out["text_features"].float(),
+                "meta": batch["meta"],
+            }
+        )
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All ranks' rows concatenated; ranks may hold different numbers of rows."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensor
+        sizes = self.all_gather(torch.tensor([len(tensor)], device=tensor.device)).flatten()
+        padded = F.pad(tensor, (0, 0, 0, int(sizes.max()) - len(tensor)))
+        gathered = self.all_gather(padded)  # (world, max rows, dim)
+        return torch.cat([gathered[r, : int(n)] for r, n in enumerate(sizes)])
+
+    @torch.no_grad()
+    def class_embeddings(self, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        """Zero-shot classifier weights: the normalized mean text embedding of each class's prompts."""
+        weights = []
+        for name in classes:
+            tokens = self.tokenizer([template.format(name) for template in templates]).to(self.device)
+            embedding = F.normalize(self.model.encode_text(tokens).float(), dim=-1).mean(dim=0)
+            weights.append(F.normalize(embedding, dim=0))
+        return torch.stack(weights)  # (classes, dim)
+
+    def on_validation_epoch_end(self) -> None:
+        outputs, self._val_outputs = self._val_outputs, []
+        if not outputs:
+            return
+        image = torch.cat([o["image"] for o in outputs])
+        text = torch.cat([o["text"] for o in outputs])
+        metrics = {}
+        for attribute, spec in self.zero_shot.items():
+            labels = [meta.get(spec["field"]) for o in outputs for meta in o["meta"]]
+            target = torch.tensor(
+                [spec["classes"].index(label) if label in spec["classes"] else -1 for label in labels],
+                device=self.device,
+            )
+            predicted = (image @ self.class_embeddings(spec["classes"], spec["templates"]).T).argmax(dim=1)
+            correct = ((predicted == target) & (target >= 0)).sum()
+            counted = (target >= 0).sum()
+            correct, counted = self._gather(correct.view(1, 1)).sum(), self._gather(counted.view(1, 1)).sum()
+            metrics[f"val/zero_shot_{attribute}_accuracy"] = (correct / counted.clamp(min=1)).item()
+        image, text = self._gather(image), self._gather(text)
+        for name, value in retrieval_recall(image, text, self.retrieval_ks).items():
+            metrics[f"val/{name}"] = value
+        metrics["val/samples"] = float(len(image))
+        # every rank computed the same numbers from the gathered features
+        self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
+
+    # -- optimization ---------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if no_weight_decay(name, param) else decay).append(param)
+        cfg = self.optimizer_cfg
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg["lr"],
+            betas=tuple(cfg["betas"]),
+            eps=cfg["eps"],
+        )
+        total = self.scheduler_cfg["total_steps"] or self.trainer.max_steps
+        if not total or total < 1:
+            raise ConfigError("the cosine schedule needs task.scheduler.total_steps or trainer.max_steps > 0")
+        schedule = warmup_cosine(self.scheduler_cfg["warmup_steps"], total, self.scheduler_cfg["min_lr_ratio"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
