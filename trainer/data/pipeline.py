@@ -264,9 +264,9 @@ class ShardDataset(IterableDataset):
             image = decode_image(sample[ext], min_side=self.transform.size)
         except Exception as error:  # noqa: BLE001 - Pillow raises many kinds for broken files
             return faults.skip("broken_image", url, key, error)
-        if self.filters is not None and not ("width" in meta and "height" in meta):
-            if not self.filters.accepts_size(*image.size):
-                return faults.skip("filtered", url, key)
+        sized_by_meta = "width" in meta and "height" in meta
+        if self.filters is not None and not sized_by_meta and not self.filters.accepts_size(*image.size):
+            return faults.skip("filtered", url, key)
         return {"image": self.transform(image, rng), "caption": caption, "key": key, "url": url, "meta": meta}
 
     def _collate(self, samples: list[dict], stats: dict) -> dict:

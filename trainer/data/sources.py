@@ -54,10 +54,7 @@ def scheme(url: str) -> str:
 
 def expand_urls(spec: str | Sequence[str]) -> list[str]:
     """Expand ``::``-joined strings and brace patterns into a flat list of URLs, in order."""
-    if isinstance(spec, str):
-        parts = spec.split("::")
-    else:
-        parts = [str(p) for p in spec]
+    parts = spec.split("::") if isinstance(spec, str) else [str(p) for p in spec]
     urls: list[str] = []
     for part in parts:
         part = os.path.expanduser(part.strip()) if scheme(part.strip()) == "" else part.strip()

@@ -1,0 +1,115 @@
+"""The config system: every experiment composes, overrides reach the objects, mistakes fail clearly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import REPO
+from trainer.train import CONFIG_DIR
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
+# Values a user must give on the command line for experiments on external data.
+# Brace patterns are quoted: Hydra's override grammar reads { } as a dict otherwise.
+REQUIRED = {"data.train.urls": "'/datasets/train-{000000..000009}.tar'"}
+
+
+def compose_config(tmp_path: Path, overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={tmp_path}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def test_there_are_experiments() -> None:
+    assert {"shapes_clip", "laion_clip_vit_b32"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_resolves(tmp_path: Path, experiment: str) -> None:
+    cfg = compose_config(tmp_path, [f"experiment={experiment}"])
+    missing = OmegaConf.missing_keys(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]))
+    cfg = compose_config(tmp_path, [f"experiment={experiment}"] + [f"{k}={REQUIRED[k]}" for k in missing])
+    resolved = {
+        key: OmegaConf.to_container(value, resolve=True, throw_on_missing=True) if OmegaConf.is_config(value) else value
+        for key, value in cfg.items()
+        if key != "hydra"
+    }
+    assert resolved["name"] == experiment
+    for group in ("data", "task", "trainer"):
+        assert "_target_" in resolved[group], group
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_with_debug_fast(tmp_path: Path, experiment: str) -> None:
+    cfg = compose_config(tmp_path, [f"experiment={experiment}", "debug=fast"])
+    assert cfg.trainer.max_steps == 2 and cfg.trainer.accelerator == "cpu" and cfg.data.num_workers == 0
+
+
+def test_overrides_reach_the_objects(tmp_path: Path, shards: Path) -> None:
+    cfg = compose_config(
+        tmp_path,
+        [
+            "experiment=shapes_clip",
+            "trainer.max_steps=7",
+            "data.batch_size=3",
+            "data.image_size=32",
+            "data.prepare=null",
+            f"data.train.urls={shards}/train.manifest.json",
+            f"data.val.urls={shards}/val.manifest.json",
+            "task.optimizer.lr=0.0123",
+            "task.loss=siglip",
+            "model.config.embed_dim=16",
+        ],
+    )
+    task = instantiate(cfg.task)
+    data = instantiate(cfg.data, tokenizer=task.tokenizer)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert trainer.max_steps == 7
+    assert data.batch_size == 3 and data.train_transform.size == 32
+    assert task.optimizer_cfg["lr"] == 0.0123 and task.hparams.loss == "siglip"
+    assert task.model.text_projection.shape[1] == 16
+    data.setup("fit")
+    assert next(iter(data.train_dataloader()))["image"].shape == (3, 3, 32, 32)
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.train", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_wrong_group_option_names_the_valid_options(tmp_path: Path) -> None:
+    result = run_cli("data=nonexistent", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Could not find 'data/nonexistent'" in result.stderr and "shapes" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_wrong_key_fails_with_hydras_message(tmp_path: Path) -> None:
+    result = run_cli("trainer.no_such_key=1", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "no_such_key" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_input_fails_with_one_clear_line(tmp_path: Path) -> None:
+    result = run_cli("debug=fast", "data.prepare=null", f"data.train.urls='{tmp_path}/missing-{{0..3}}.tar'", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "error: data.train: 4 of 4 local shards do not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cfg_job_prints_the_resolved_config(tmp_path: Path) -> None:
+    result = run_cli("experiment=shapes_clip", "trainer.max_steps=123", "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = OmegaConf.create(result.stdout)
+    assert printed.trainer.max_steps == 123 and printed.name == "shapes_clip"
