@@ -93,7 +93,8 @@ class ShardWriter:
     def _open_next(self) -> None:
         name = self._shard_name(len(self.shards))
         self._tmp = self.out_dir / f".{name}.tmp"
-        self._tar = wds.TarWriter(str(self._tmp))
+        # a fixed mtime makes the same samples give byte-identical shards
+        self._tar = wds.TarWriter(str(self._tmp), mtime=0)
         self._count = 0
 
     def _close_current(self) -> None:
@@ -112,7 +113,9 @@ class ShardWriter:
         caption: str | None,
         meta: dict | None = None,
         image_ext: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> None:
+        """Add one sample. For pre-encoded ``image`` bytes, ``size`` (width, height) saves re-reading them."""
         if self._tar is None:
             self._open_next()
         if isinstance(image, Image.Image):
@@ -121,7 +124,7 @@ class ShardWriter:
             size = _encoded_size(data)
         else:
             data, ext = image, (image_ext or self.image_format)
-            size = _encoded_size(data)
+            size = size or _encoded_size(data)
         record: dict[str, Any] = {"key": key, "caption": caption}
         record.update(meta or {})
         record.setdefault("width", size[0])
