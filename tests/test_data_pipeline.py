@@ -270,3 +270,42 @@ def test_http_urls_stream_from_a_server(shards: Path) -> None:
         assert sorted(keys_of(dataset(url, shuffle=False))) == [f"train{i:06d}" for i in range(10)]
     finally:
         server.shutdown()
+
+
+def _iterate_uneven(rank: int, world_size: int, port: int, shard_dir: str, queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        # rank 0 reads shards of 30 samples, rank 1 shards of 5: without agreement rank 0 would go on alone
+        urls = [str(Path(shard_dir) / "long-000000.tar"), str(Path(shard_dir) / "short-000000.tar")]
+        ds = dataset(urls, rank=rank, world_size=2, shuffle=False)
+        batches = [len(b["key"]) for b in ShardLoader(ds, even_ranks=True)]
+        queue.put((rank, len(batches)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_even_ranks_stop_together_when_shards_are_uneven(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    write_shards(tmp_path, "long", 30, 30)  # read by rank 0 (no shuffle: shard i goes to rank i)
+    write_shards(tmp_path, "short", 5, 5)  # read by rank 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    processes = [
+        context.Process(target=_iterate_uneven, args=(rank, 2, port, str(tmp_path), queue)) for rank in range(2)
+    ]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(timeout=120)
+    results = dict(queue.get(timeout=5) for _ in processes)
+    # rank 1 has 5 samples = 2 batches of 4 (drop_last off: 4 + 1); rank 0 stops after as many
+    assert results == {0: 2, 1: 2}

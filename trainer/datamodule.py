@@ -101,7 +101,7 @@ class ShardDataModule(pl.LightningDataModule):
             self.val_set = self._dataset(self.val_spec, train=False, num_workers=self.val_workers())
 
     def train_dataloader(self) -> ShardLoader:
-        return ShardLoader(self.train_set, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return ShardLoader(self.train_set, num_workers=self.num_workers, pin_memory=self.pin_memory, even_ranks=True)
 
     def val_dataloader(self) -> ShardLoader | list:
         if self.val_set is None:

@@ -321,9 +321,22 @@ class ShardLoader(DataLoader):
 
     Each new iteration (one per training epoch) starts fresh workers with the next epoch number, so
     the shard order and shuffles change per epoch while staying reproducible from the seed.
+
+    With ``even_ranks`` (for training in exact mode under torch.distributed), every rank stops as
+    soon as any rank runs out of batches: shards seldom hold the same number of samples, and a rank
+    that stopped early would leave the others waiting in their next gradient all-reduce forever.
+    The ranks agree through one small all-reduce per batch on a CPU (gloo) group; the unread tail of
+    the longer ranks is left for the next epoch's differently shuffled pass.
     """
 
-    def __init__(self, dataset: ShardDataset, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2):
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int = 2,
+        even_ranks: bool = False,
+    ):
         super().__init__(
             dataset,
             batch_size=None,
@@ -333,11 +346,42 @@ class ShardLoader(DataLoader):
             persistent_workers=False,
         )
         self.next_epoch = 0
+        self.even_ranks = even_ranks
 
     def __iter__(self):
         self.dataset.set_epoch(self.next_epoch)
         self.next_epoch += 1
-        return super().__iter__()
+        batches = super().__iter__()
+        if self.even_ranks and self.dataset.mode == "exact" and _distributed_world_size() > 1:
+            return _until_any_rank_stops(batches)
+        return batches
+
+
+def _distributed_world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+_GLOO_GROUP = None
+
+
+def _until_any_rank_stops(batches: Iterator[dict]) -> Iterator[dict]:
+    import torch.distributed as dist
+
+    global _GLOO_GROUP
+    if _GLOO_GROUP is None:  # a collective: every rank reaches its first iter() at the same point
+        # a group of its own, so these calls never interleave with the gradient all-reduces
+        _GLOO_GROUP = dist.new_group(backend="gloo")
+    while True:
+        batch = next(batches, None)
+        have = torch.tensor([0 if batch is None else 1], dtype=torch.int32)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN, group=_GLOO_GROUP)
+        if not have.item():
+            if batch is not None:
+                log.info("epoch ends on all ranks: another rank has run out of batches")
+            return
+        yield batch
 
 
 class DataStats:
