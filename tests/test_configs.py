@@ -102,7 +102,9 @@ def test_wrong_key_fails_with_hydras_message(tmp_path: Path) -> None:
 
 
 def test_bad_input_fails_with_one_clear_line(tmp_path: Path) -> None:
-    result = run_cli("debug=fast", "data.prepare=null", f"data.train.urls='{tmp_path}/missing-{{0..3}}.tar'", cwd=tmp_path)
+    result = run_cli(
+        "debug=fast", "data.prepare=null", f"data.train.urls='{tmp_path}/missing-{{0..3}}.tar'", cwd=tmp_path
+    )
     assert result.returncode == 2
     assert "error: data.train: 4 of 4 local shards do not exist" in result.stderr
     assert "Traceback" not in result.stderr

@@ -53,6 +53,8 @@ class FaultCounter:
     def __init__(self, where: str = "", log_first: int = 5):
         self.counts: Counter[str] = Counter()
         self.where = where
+        self._shard: str | None = None
+        self._shard_failed = False
         self.log_first = log_first
 
     def skip(self, reason: str, url: Any = None, key: Any = None, error: BaseException | None = None) -> None:
@@ -62,10 +64,16 @@ class FaultCounter:
             detail = f": {type(error).__name__}: {error}" if error is not None else ""
             log.warning("skipped sample (%s #%d)%s shard=%s key=%s%s", reason, n, self.where, url, key, detail)
 
+    def start_shard(self, url: str) -> None:
+        self._shard, self._shard_failed = url, False
+
     def shard_error(self, error: BaseException) -> bool:
-        """A webdataset exception handler: count and log, then continue with the next shard."""
-        url = next((a for a in reversed(error.args) if isinstance(a, str) and a != str(error.args[0])), None)
-        self.skip("shard_error", url, None, error)
+        """A webdataset exception handler: count and log once per shard, then go on with the next shard.
+
+        (A truncated tar raises twice, once for the cut member and once for the stream.)"""
+        if not self._shard_failed:
+            self._shard_failed = True
+            self.skip("shard_error", self._shard, None, error)
         return True
 
 
@@ -192,11 +200,12 @@ class ShardDataset(IterableDataset):
 
     # -- stages ---------------------------------------------------------------------------------
 
-    def _read(self, urls: Iterator[str], faults: FaultCounter) -> Iterator[dict]:
-        """Tar shards to samples, with shard errors counted and skipped."""
+    def read_samples(self, urls: Iterator[str], faults: FaultCounter) -> Iterator[dict]:
+        """Tar shards to raw samples (dicts of member bytes), with shard errors counted and skipped."""
 
         def streams():
             for url in urls:
+                faults.start_shard(url)
                 try:
                     stream = open_url(url)
                 except Exception as error:  # noqa: BLE001 - any unreadable shard is skipped
@@ -216,7 +225,7 @@ class ShardDataset(IterableDataset):
             empty = 0
             while True:
                 got = False
-                for sample in self._read(iter([rng.choice(source.urls)]), faults):
+                for sample in self.read_samples(iter([rng.choice(source.urls)]), faults):
                     got = True
                     yield sample
                 empty = 0 if got else empty + 1
@@ -238,7 +247,7 @@ class ShardDataset(IterableDataset):
             caption = str(value) if value is not None else None
         return caption.strip() if caption is not None else None
 
-    def _process(self, sample: dict, rng: random.Random, faults: FaultCounter) -> dict | None:
+    def decode_sample(self, sample: dict, rng: random.Random, faults: FaultCounter) -> dict | None:
         url, key = sample.get("__url__"), sample.get("__key__")
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None:
@@ -289,7 +298,7 @@ class ShardDataset(IterableDataset):
         rng = _seeded(self.seed, epoch, self.rank, worker)
         faults = FaultCounter(where=f" [{self.name} rank {self.rank} worker {worker}]")
         if self.mode == "exact":
-            samples = self._read(iter(self.shards_for(worker, num_workers, epoch)), faults)
+            samples = self.read_samples(iter(self.shards_for(worker, num_workers, epoch)), faults)
             max_batches = None
         else:
             samples = self._resampled(rng, faults)
@@ -302,7 +311,7 @@ class ShardDataset(IterableDataset):
         for sample in samples:
             if max_batches is not None and produced >= max_batches:
                 break
-            item = self._process(sample, rng, faults)
+            item = self.decode_sample(sample, rng, faults)
             if item is None:
                 continue
             batch.append(item)

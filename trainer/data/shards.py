@@ -141,9 +141,12 @@ class ShardWriter:
         self._close_current()
         total = sum(s["samples"] for s in self.shards)
         last = len(self.shards) - 1
-        pattern = (
-            f"{self.prefix}-{{{0:0{self.digits}d}..{last:0{self.digits}d}}}.tar" if last > 0 else self._shard_name(0)
-        )
+        if last < 0:
+            pattern = None  # nothing was written
+        elif last == 0:
+            pattern = self._shard_name(0)
+        else:
+            pattern = f"{self.prefix}-{{{0:0{self.digits}d}..{last:0{self.digits}d}}}.tar"
         self.manifest = {"prefix": self.prefix, "pattern": pattern, "total": total, "shards": self.shards}
         tmp = manifest_path(self.out_dir, self.prefix).with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.manifest, indent=1))

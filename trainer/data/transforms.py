@@ -26,7 +26,11 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
 CROPS = ("center", "random")
-RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
 
 def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
@@ -71,7 +75,9 @@ class ImageTransform:
             raise ConfigError(f"resample must be one of {sorted(RESAMPLE)}, got {self.resample!r}")
         if isinstance(self.normalize, str):
             if self.normalize not in NORMALIZATIONS:
-                raise ConfigError(f"normalize must be one of {sorted(NORMALIZATIONS)} or [mean, std]; got {self.normalize!r}")
+                raise ConfigError(
+                    f"normalize must be one of {sorted(NORMALIZATIONS)} or [mean, std]; got {self.normalize!r}"
+                )
             mean, std = NORMALIZATIONS[self.normalize]
         else:
             mean, std = self.normalize
