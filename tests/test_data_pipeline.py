@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_shards
 from PIL import Image
 
+from conftest import write_shards
 from trainer.data import (
     DataStats,
     ImageTransform,
