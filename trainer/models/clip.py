@@ -82,3 +82,37 @@ def load_clip_weights(model: nn.Module, path: str | Path) -> None:
             f"missing keys {result.missing_keys[:10]}{' ...' if len(result.missing_keys) > 10 else ''}, "
             f"unexpected keys {result.unexpected_keys[:10]}{' ...' if len(result.unexpected_keys) > 10 else ''}"
         )
+
+
+def clip_model_config(name: str, config: Mapping[str, Any] | None = None) -> dict:
+    """The open_clip model config (embed_dim, vision_cfg, text_cfg, ...) of a name or a custom config."""
+    if config is not None:
+        return dict(config)
+    found = open_clip.get_model_config(name)
+    if found is None:
+        raise ConfigError(f"open_clip has no model named {name!r}")
+    return found
+
+
+def export_clip(model: nn.Module, name: str, config: Mapping[str, Any] | None, out_dir: str | Path) -> Path:
+    """Write an open_clip ``local-dir`` folder (config + safetensors) for ``model``; see
+    :func:`trainer.checkpoints.export_open_clip`."""
+    from trainer.checkpoints import export_open_clip
+
+    preprocess = dict(open_clip.get_model_preprocess_cfg(model))
+    return export_open_clip(model, clip_model_config(name, config), out_dir, preprocess)
+
+
+def export_clip_checkpoint(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
+    """Export the CLIP model of one of our Lightning checkpoints as an open_clip folder."""
+    from trainer.checkpoints import load_lightning_checkpoint
+
+    checkpoint = load_lightning_checkpoint(checkpoint_path)
+    spec = checkpoint.get("hyper_parameters", {}).get("model")
+    if not spec or "name" not in spec:
+        raise ConfigError(f"{checkpoint_path} has no CLIP model spec in its hyper_parameters: is it a CLIP checkpoint?")
+    siglip = checkpoint["hyper_parameters"].get("loss") == "siglip"
+    model, _ = build_clip(spec["name"], spec.get("config"), None, siglip=siglip)
+    state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state, strict=True)
+    return export_clip(model, spec["name"], spec.get("config"), out_dir)

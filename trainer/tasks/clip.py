@@ -8,8 +8,10 @@ zero-shot classification).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -18,8 +20,9 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
 from trainer.errors import ConfigError
-from trainer.models.clip import LOGIT_SCALE_MAX, build_clip
+from trainer.models.clip import LOGIT_SCALE_MAX, build_clip, export_clip
 
+log = logging.getLogger(__name__)
 LOSSES = ("clip", "siglip")
 
 
@@ -54,6 +57,21 @@ def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, 
     return metrics
 
 
+def make_loss(kind: str, local_loss: bool, gather_with_grad: bool, rank: int, world_size: int) -> torch.nn.Module:
+    """open_clip's contrastive (InfoNCE) or sigmoid (SigLIP) loss, set up for this rank."""
+    if kind == "clip":
+        return ClipLoss(
+            local_loss=local_loss,
+            gather_with_grad=gather_with_grad,
+            cache_labels=True,
+            rank=rank,
+            world_size=world_size,
+        )
+    if kind == "siglip":
+        return SigLipLoss(rank=rank, world_size=world_size)
+    raise ConfigError(f"task.loss must be one of {LOSSES}, got {kind!r}")
+
+
 def _zero_shot_spec(spec: Any) -> dict[str, dict]:
     if spec is None:
         return {}
@@ -83,6 +101,7 @@ class CLIPTask(pl.LightningModule):
         scheduler: Mapping[str, Any] | None = None,
         zero_shot: Any = None,
         retrieval_ks: Sequence[int] = (1, 5, 10),
+        export: bool = True,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -106,16 +125,8 @@ class CLIPTask(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         rank, world_size = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
-        if self.hparams.loss == "clip":
-            self.loss_fn = ClipLoss(
-                local_loss=self.hparams.local_loss,
-                gather_with_grad=self.hparams.gather_with_grad,
-                cache_labels=True,
-                rank=rank,
-                world_size=world_size,
-            )
-        else:
-            self.loss_fn = SigLipLoss(rank=rank, world_size=world_size)
+        hp = self.hparams
+        self.loss_fn = make_loss(hp.loss, hp.local_loss, hp.gather_with_grad, rank, world_size)
 
     def contrastive_loss(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
         out = self.model(images, tokens)
@@ -134,6 +145,15 @@ class CLIPTask(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         with torch.no_grad():  # keep the temperature in range, as open_clip does after each step
             self.model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+
+    def on_train_end(self) -> None:
+        """Export the trained model as an open_clip folder: <run folder>/export/clip."""
+        if self.hparams.export and self.trainer.is_global_zero:
+            spec = self.hparams.model
+            out = export_clip(
+                self.model, spec["name"], spec.get("config"), Path(self.trainer.default_root_dir) / "export" / "clip"
+            )
+            log.info("exported CLIP for open_clip to %s (open_clip.create_model('local-dir:%s'))", out, out)
 
     # -- evaluation -----------------------------------------------------------------------------
 
