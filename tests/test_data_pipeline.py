@@ -309,3 +309,14 @@ def test_even_ranks_stop_together_when_shards_are_uneven(tmp_path: Path) -> None
     results = dict(queue.get(timeout=5) for _ in processes)
     # rank 1 has 5 samples = 2 batches of 4 (drop_last off: 4 + 1); rank 0 stops after as many
     assert results == {0: 2, 1: 2}
+
+
+def test_resize_size_crops_patches_at_higher_resolution() -> None:
+    pixels = np.zeros((100, 100, 3), np.uint8)
+    pixels[:50] = 255  # top half white
+    patch = ImageTransform(size=20, resize_size=100, normalize="none")(Image.fromarray(pixels))
+    assert patch.shape == (3, 20, 20)
+    # a 20 px center patch of the 100 px image straddles the edge sharply: rows 40..59
+    assert patch[:, :10].min() > 0.95 and patch[:, 10:].max() < 0.05
+    with pytest.raises(ConfigError, match="resize_size"):
+        ImageTransform(size=64, resize_size=32)

@@ -28,6 +28,7 @@ class ShardDataModule(pl.LightningDataModule):
         val_batch_size: int | None = None,
         num_workers: int = 2,
         image_size: int = 256,
+        resize_size: int | None = None,
         crop: str = "center",
         flip: bool = False,
         normalize: str | list = "clip",
@@ -47,8 +48,8 @@ class ShardDataModule(pl.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers = num_workers
         self.normalize = normalize if isinstance(normalize, str) else [list(v) for v in normalize]
-        self.train_transform = ImageTransform(image_size, crop=crop, flip=flip, normalize=self.normalize)
-        self.val_transform = ImageTransform(image_size, crop="center", flip=False, normalize=self.normalize)
+        self.train_transform = ImageTransform(image_size, crop, flip, self.normalize, resize_size=resize_size)
+        self.val_transform = ImageTransform(image_size, "center", False, self.normalize, resize_size=resize_size)
         self.caption_key, self.require_caption = caption_key, require_caption
         self.filters = SampleFilter(**filters) if filters else None
         self.shuffle_buffer, self.seed = shuffle_buffer, seed

@@ -270,7 +270,7 @@ class ShardDataset(IterableDataset):
             ):
                 return faults.skip("filtered", url, key)
         try:
-            image = decode_image(sample[ext], min_side=self.transform.size)
+            image = decode_image(sample[ext], min_side=self.transform.resize_size or self.transform.size)
         except Exception as error:  # noqa: BLE001 - Pillow raises many kinds for broken files
             return faults.skip("broken_image", url, key, error)
         sized_by_meta = "width" in meta and "height" in meta

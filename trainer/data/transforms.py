@@ -54,10 +54,12 @@ def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
 
 @dataclass
 class ImageTransform:
-    """Resize the shorter side to ``size``, crop ``size`` x ``size``, optionally flip, normalize.
+    """Resize the shorter side to ``resize_size`` (default ``size``), crop ``size`` x ``size``,
+    optionally flip, normalize.
 
     Returns a float tensor (3, size, size). ``rng`` (a ``random.Random``) drives the random crop and
-    the flip, so a seeded pipeline produces the same augmentations again.
+    the flip, so a seeded pipeline produces the same augmentations again. A ``resize_size`` larger
+    than ``size`` crops patches at higher resolution (e.g. 64 px patches of photos scaled to 256 px).
     """
 
     size: int = 256
@@ -65,10 +67,13 @@ class ImageTransform:
     flip: bool = False
     normalize: str | Sequence[Sequence[float]] = "clip"
     resample: str = "bicubic"
+    resize_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.size < 1:
             raise ConfigError(f"image size must be positive, got {self.size}")
+        if self.resize_size is not None and self.resize_size < self.size:
+            raise ConfigError(f"resize_size ({self.resize_size}) must be at least the crop size ({self.size})")
         if self.crop not in CROPS:
             raise ConfigError(f"crop must be one of {CROPS}, got {self.crop!r}")
         if self.resample not in RESAMPLE:
@@ -86,8 +91,9 @@ class ImageTransform:
 
     def resize_and_crop(self, image: Image.Image, rng: random.Random | None = None) -> Image.Image:
         width, height = image.size
-        scale = self.size / min(width, height)
-        new_w, new_h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
+        target = self.resize_size or self.size
+        scale = target / min(width, height)
+        new_w, new_h = max(target, round(width * scale)), max(target, round(height * scale))
         if (new_w, new_h) != (width, height):
             image = image.resize((new_w, new_h), RESAMPLE[self.resample], reducing_gap=None)
         if self.crop == "random" and rng is not None:
