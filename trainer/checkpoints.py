@@ -64,3 +64,83 @@ def export_open_clip(
     config = {"model_cfg": dict(model_config), "preprocess_cfg": dict(preprocess or {})}
     atomic_write_bytes(out_dir / OPEN_CLIP_CONFIG, json.dumps(config, indent=1).encode())
     return out_dir
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a ``.safetensors`` file, or of a pickle (``.ckpt``/``.pt``/``.pth``,
+    read with ``weights_only=True``) whose tensors may sit under ``state_dict``."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path} holds no state dict")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, {}
+
+
+def select_prefixed(state: Mapping[str, torch.Tensor], *prefixes: str) -> dict[str, torch.Tensor]:
+    """The entries under the first of ``prefixes`` that any key starts with, prefix removed; the
+    whole state when none does."""
+    for prefix in prefixes:
+        chosen = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if chosen:
+            return chosen
+    return dict(state)
+
+
+def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that lists the missing and unexpected keys and
+    the shape mismatches, and says what the file was expected to be."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+
+        def show(keys: list[str]) -> str:
+            return f"{keys[:8]}{f' and {len(keys) - 8} more' if len(keys) > 8 else ''}"
+
+        raise ConfigError(
+            f"{source} does not match the model: {len(missing)} missing keys {show(missing)}, "
+            f"{len(unexpected)} unexpected keys {show(unexpected)}, {len(mismatched)} shape mismatches "
+            f"{show(mismatched)}. Check that the model config is the one the weights were trained with."
+        )
+    module.load_state_dict(state, strict=True)
+
+
+# Where the autoencoder's weights sit in the files we read: a full Stable Diffusion checkpoint
+# (first_stage_model.), our autoencoder task's checkpoint (EMA weights first, then the trained ones),
+# or a standalone VAE file (no prefix).
+VAE_PREFIXES = ("first_stage_model.", "ema.module.", "autoencoder.")
+
+
+def load_vae_weights(model: torch.nn.Module, path: str | os.PathLike) -> float | None:
+    """Load autoencoder weights strictly from any of the layouts above; returns the stored scale
+    factor when the file has one (our checkpoints and exports do)."""
+    state, metadata = read_weights(path)
+    load_strict(model, select_prefixed(state, *VAE_PREFIXES), f"autoencoder weights {path}")
+    if "scale_factor" in state:
+        return float(state["scale_factor"])
+    if "scale_factor" in metadata:
+        return float(metadata["scale_factor"])
+    return None
+
+
+def export_vae(model: torch.nn.Module, path: str | os.PathLike, scale_factor: float | None = None) -> Path:
+    """The autoencoder alone as safetensors in the original SD layout (``encoder.*``, ``decoder.*``,
+    ``quant_conv.*``, ``post_quant_conv.*``), with the scale factor in the metadata."""
+    metadata = {"format": "pt"}
+    if scale_factor is not None:
+        metadata["scale_factor"] = repr(float(scale_factor))
+    return save_safetensors(model.state_dict(), path, metadata)

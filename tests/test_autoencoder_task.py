@@ -1,0 +1,151 @@
+"""Stage 2, the autoencoder task: loss terms, discriminator schedule, EMA, weights in and out."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torchvision
+
+from trainer.checkpoints import export_vae, load_vae_weights, read_weights, save_safetensors
+from trainer.data.photos import ensure_photos
+from trainer.datamodule import ShardDataModule
+from trainer.errors import ConfigError
+from trainer.models.autoencoder import TINY, AutoencoderKL
+from trainer.models.lpips import LPIPS
+from trainer.tasks.autoencoder import AutoencoderTask, adaptive_weight, adopt_weight, hinge_d_loss, psnr
+
+MODEL = {
+    "embed_dim": 4,
+    "ddconfig": {**TINY["ddconfig"], "ch": 32, "ch_mult": [1, 2], "resolution": 32},
+}
+
+
+def test_hinge_loss_closed_form() -> None:
+    real = torch.tensor([2.0, 0.5, -1.0])
+    fake = torch.tensor([-2.0, 0.0, 1.0])
+    expected = 0.5 * ((0 + 0.5 + 2.0) / 3 + (0 + 1.0 + 2.0) / 3)
+    assert hinge_d_loss(real, fake).item() == pytest.approx(expected)
+
+
+def test_adaptive_weight_is_the_ratio_of_gradient_norms() -> None:
+    last = torch.ones(3, 4, requires_grad=True)
+    nll = 2.0 * (last**2).sum()  # gradient 4 * last: norm 4 * sqrt(12)
+    g = -0.5 * last.sum()  # gradient -0.5: norm 0.5 * sqrt(12)
+    expected = 4 * math.sqrt(12) / (0.5 * math.sqrt(12) + 1e-4)
+    assert adaptive_weight(nll, g, last).item() == pytest.approx(expected, rel=1e-6)
+    huge = adaptive_weight(1e9 * last.sum(), 0 * last.sum(), last)
+    assert huge.item() == 1e4  # clamped
+
+
+def test_adopt_weight_and_psnr() -> None:
+    assert adopt_weight(1.0, 99, 100) == 0.0 and adopt_weight(1.0, 100, 100) == 1.0
+    x = torch.zeros(1, 3, 8, 8)
+    assert psnr(x, x + 0.2).item() == pytest.approx(10 * math.log10(1 / 0.01), rel=1e-5)  # mse 0.1^2 in [0, 1]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_photos(tmp_path_factory.mktemp("photos"), scale=64, crop=32, val_crops=4)
+
+
+def fit(task: AutoencoderTask, photos: Path, tmp_path: Path, steps: int) -> pl.Trainer:
+    data = ShardDataModule(
+        train={"urls": str(photos / "train.manifest.json"), "mode": "resampled", "epoch_length": 64},
+        val={"urls": str(photos / "val.manifest.json")},
+        batch_size=4,
+        num_workers=0,
+        image_size=32,
+        crop="random",
+        normalize="symmetric",
+        require_caption=False,
+    )
+    trainer = pl.Trainer(
+        max_steps=steps,
+        limit_val_batches=1,
+        val_check_interval=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(task, datamodule=data)
+    return trainer
+
+
+def test_discriminator_starts_at_its_step_and_global_step_counts_batches(photos: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    task = AutoencoderTask(MODEL, disc_start=3, optimizer={"lr": 1e-3})
+    before = {k: v.clone() for k, v in task.discriminator.state_dict().items() if "weight" in k}
+    trainer = fit(task, photos, tmp_path / "a", steps=3)
+    assert trainer.global_step == 3  # two optimizers, but one step per batch
+    after = task.discriminator.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the discriminator trained before disc_start"
+    trainer = fit(task, photos, tmp_path / "b", steps=5)  # steps 3 and 4: past the start
+    assert trainer.global_step == 5
+    after = task.discriminator.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_ema_weights_are_validated_and_exported(photos: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    task = AutoencoderTask(MODEL, disc_start=1000, ema_decay=0.9, optimizer={"lr": 1e-3})
+    fit(task, photos, tmp_path, steps=3)
+    trained = task.autoencoder.state_dict()
+    ema = task.ema.module.state_dict()
+    assert any(not torch.equal(trained[k], ema[k]) for k in trained)
+    exported = tmp_path / "export" / "autoencoder.safetensors"
+    state, metadata = read_weights(exported)
+    assert all(torch.equal(state[k], ema[k]) for k in ema)
+    assert float(metadata["scale_factor"]) == pytest.approx(task.scale_factor.item()) and task.scale_factor != 1.0
+
+
+def test_vae_weights_round_trip_and_the_sd_layouts(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    source = AutoencoderKL.from_config(MODEL)
+    export_vae(source, tmp_path / "vae.safetensors", scale_factor=0.18215)
+    save_safetensors({f"first_stage_model.{k}": v for k, v in source.state_dict().items()}, tmp_path / "sd.safetensors")
+    torch.save(
+        {"state_dict": {f"first_stage_model.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "sd.ckpt"
+    )
+    for name, scale in (("vae.safetensors", 0.18215), ("sd.safetensors", None), ("sd.ckpt", None)):
+        target = AutoencoderKL.from_config(MODEL)
+        assert load_vae_weights(target, tmp_path / name) == scale
+        assert all(
+            torch.equal(a, b) for a, b in zip(target.state_dict().values(), source.state_dict().values(), strict=True)
+        )
+
+
+def test_mismatched_vae_file_lists_missing_and_unexpected_keys(tmp_path: Path) -> None:
+    state = AutoencoderKL.from_config(MODEL).state_dict()
+    state["decoder.extra.weight"] = torch.zeros(1)
+    del state["quant_conv.bias"]
+    save_safetensors(state, tmp_path / "bad.safetensors")
+    with pytest.raises(ConfigError, match=r"1 missing keys \['quant_conv.bias'\], 1 unexpected keys \['decoder.extra"):
+        load_vae_weights(AutoencoderKL.from_config(MODEL), tmp_path / "bad.safetensors")
+    other = AutoencoderKL.from_config({**MODEL, "embed_dim": 3})
+    with pytest.raises(ConfigError, match="shape mismatches"):
+        load_vae_weights(other, tmp_path / "bad.safetensors")
+
+
+def test_lpips_reads_the_vgg_weights_from_a_local_file(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    vgg = torchvision.models.vgg16()
+    torch.save(vgg.state_dict(), tmp_path / "vgg16.pth")
+    lpips = LPIPS(tmp_path / "vgg16.pth")
+    assert torch.equal(getattr(lpips.net.net.slice1, "0").weight, vgg.features[0].weight)
+    assert torch.equal(getattr(lpips.net.net.slice5, "28").weight, vgg.features[28].weight)
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.all(lpips(x, x) == 0) and torch.all(lpips(x, y) > 0)
+    assert not any(p.requires_grad for p in lpips.parameters())
+    task = AutoencoderTask(MODEL, lpips_weights=str(tmp_path / "vgg16.pth"))
+    assert task.lpips is not None
+
+
+def test_missing_lpips_file_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
+        AutoencoderTask(MODEL, lpips_weights=str(tmp_path / "nope.pth"))

@@ -1,0 +1,246 @@
+"""Stage 2: the KL autoencoder, trained with reconstruction + KL (+ LPIPS) + a PatchGAN discriminator.
+
+The loss follows latent-diffusion's ``LPIPSWithDiscriminator``:
+
+    nll   = (|x - x̂| [+ w_p · LPIPS(x, x̂)]) / exp(logvar) + logvar      (logvar: one learned scalar)
+    L_ae  = mean_b Σ nll + w_kl · mean_b KL(q(z|x) || N(0, I)) + λ · f(step) · (-mean D(x̂))
+    L_d   = f(step) · ½ (mean relu(1 - D(x)) + mean relu(1 + D(x̂)))          (hinge)
+
+with λ the adaptive weight ||∇_last nll|| / (||∇_last g|| + 1e-4) (clamped to [0, 1e4], times
+``disc_weight``) taken at the decoder's last layer, and f(step) = 0 before ``disc_start``.
+
+Two optimizers, stepped through Lightning's manual optimization. The discriminator's step goes
+through the strategy (precision and scaler handled) but not through Lightning's optimizer wrapper,
+so ``trainer.global_step`` counts one step per batch, as in the other stages.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from trainer.errors import ConfigError
+from trainer.models.autoencoder import AutoencoderKL
+from trainer.models.discriminator import PatchDiscriminator
+
+log = logging.getLogger(__name__)
+RECONSTRUCTION = ("l1", "l2")
+
+
+# -- the loss terms, as pure functions -----------------------------------------------------------
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def adopt_weight(weight: float, step: int, start: int) -> float:
+    """The discriminator's factor: 0 before ``start``, ``weight`` from then on."""
+    return weight if step >= start else 0.0
+
+
+def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """Balance the GAN term against reconstruction by their gradient norms at the decoder's last layer."""
+    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of images in [-1, 1], per image: 10 log10(1 / MSE) on the [0, 1] scale."""
+    mse = ((x - y) / 2).pow(2).flatten(1).mean(dim=1)
+    return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
+
+
+class AutoencoderTask(pl.LightningModule):
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        reconstruction: str = "l1",
+        kl_weight: float = 1e-6,
+        logvar_init: float = 0.0,
+        perceptual_weight: float = 1.0,
+        lpips_weights: str | None = None,
+        disc_start: int = 50001,
+        disc_weight: float = 0.5,
+        disc_factor: float = 1.0,
+        disc_channels: int = 64,
+        disc_layers: int = 3,
+        optimizer: Mapping[str, Any] | None = None,
+        grad_clip: float | None = None,
+        ema_decay: float | None = None,
+        gradient_checkpointing: bool = False,
+        pretrained: str | None = None,
+        scale_factor_samples: int = 512,
+        log_images: int = 8,
+    ):
+        super().__init__()
+        if reconstruction not in RECONSTRUCTION:
+            raise ConfigError(f"task.reconstruction must be one of {RECONSTRUCTION}, got {reconstruction!r}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.autoencoder = AutoencoderKL.from_config(dict(model), gradient_checkpointing=gradient_checkpointing)
+        if pretrained:
+            from trainer.checkpoints import load_vae_weights
+
+            load_vae_weights(self.autoencoder, pretrained)
+        self.logvar = torch.nn.Parameter(torch.tensor(float(logvar_init)))
+        self.discriminator = PatchDiscriminator(self.autoencoder.out_channels, disc_channels, disc_layers)
+        self.lpips = None
+        if perceptual_weight > 0 and lpips_weights:
+            from trainer.models.lpips import LPIPS
+
+            self.lpips = LPIPS(lpips_weights)
+        elif perceptual_weight > 0:
+            log.warning("no LPIPS weights given (task.lpips_weights): training without the perceptual loss")
+        self.ema = (
+            AveragedModel(self.autoencoder, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            if ema_decay
+            else None
+        )
+        # 1 / std of the latents (SD's 0.18215): measured on validation data, saved with the checkpoint
+        self.register_buffer("scale_factor", torch.tensor(1.0))
+        self.optimizer_cfg = {"lr": 4.5e-6, "betas": (0.5, 0.9), "weight_decay": 0.0, **(optimizer or {})}
+        self._latent_moments: list[torch.Tensor] = []
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def _nll(self, images: torch.Tensor, reconstructions: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if self.hparams.reconstruction == "l1":
+            rec = (images - reconstructions).abs()
+        else:
+            rec = (images - reconstructions).pow(2)
+        logs = {"rec_loss": rec.mean().detach()}
+        if self.lpips is not None:
+            perceptual = self.lpips(images.float(), reconstructions.float())  # (B,)
+            rec = rec + self.hparams.perceptual_weight * perceptual.view(-1, 1, 1, 1)
+            logs["perceptual_loss"] = perceptual.mean().detach()
+        nll = rec / torch.exp(self.logvar) + self.logvar
+        return nll.sum() / len(images), logs
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        images = batch["image"]
+        opt_ae, opt_d = self.optimizers()
+        step = self.global_step
+        factor = adopt_weight(self.hparams.disc_factor, step, self.hparams.disc_start)
+
+        reconstructions, posterior = self.autoencoder(images)
+        nll, logs = self._nll(images, reconstructions)
+        kl = posterior.kl().sum() / len(images)
+        loss = nll + self.hparams.kl_weight * kl
+        if factor > 0:
+            self.discriminator.requires_grad_(False)
+            g_loss = -self.discriminator(reconstructions).mean()
+            self.discriminator.requires_grad_(True)
+            weight = adaptive_weight(nll, g_loss, self.autoencoder.last_layer) * self.hparams.disc_weight
+            loss = loss + weight * factor * g_loss
+            logs.update(g_loss=g_loss.detach(), d_weight=weight)
+        opt_ae.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self._clip(opt_ae)
+        opt_ae.step()  # counts the global step
+
+        if factor > 0:
+            logits_real = self.discriminator(images.detach())
+            logits_fake = self.discriminator(reconstructions.detach())
+            d_loss = factor * hinge_d_loss(logits_real, logits_fake)
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            self._clip(opt_d)
+            self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None)
+            logs.update(d_loss=d_loss.detach(), logits_real=logits_real.mean().detach())
+        if self.ema is not None:
+            self.ema.update_parameters(self.autoencoder)
+
+        batch_size = len(images)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        self.log_dict(
+            {"train/kl_loss": kl.detach(), "train/nll_loss": nll.detach(), "train/logvar": self.logvar.detach()},
+            batch_size=batch_size,
+        )
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
+
+    def _clip(self, optimizer) -> None:
+        if self.hparams.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+
+    def configure_optimizers(self):
+        cfg = self.optimizer_cfg
+        kwargs = {"lr": cfg["lr"], "betas": tuple(cfg["betas"]), "weight_decay": cfg["weight_decay"]}
+        ae_params = [*self.autoencoder.parameters(), self.logvar]
+        return [torch.optim.AdamW(ae_params, **kwargs), torch.optim.AdamW(self.discriminator.parameters(), **kwargs)]
+
+    def on_train_end(self) -> None:
+        """Export the (EMA) autoencoder in the SD layout: <run folder>/export/autoencoder.safetensors."""
+        if self.trainer.is_global_zero:
+            from trainer.checkpoints import export_vae
+
+            out = Path(self.trainer.default_root_dir) / "export" / "autoencoder.safetensors"
+            export_vae(self.eval_autoencoder, out, self.scale_factor.item())
+            log.info("exported the autoencoder (scale factor %.5f) to %s", self.scale_factor.item(), out)
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    @property
+    def eval_autoencoder(self):
+        """The EMA weights when EMA is on, else the trained ones."""
+        return self.ema.module if self.ema is not None else self.autoencoder
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        images = batch["image"]
+        posterior = self.eval_autoencoder.encode(images)
+        reconstructions = self.eval_autoencoder.decode(posterior.mode()).clamp(-1, 1)
+        batch_size = len(images)
+        self.log("val/psnr", psnr(images, reconstructions).mean(), sync_dist=True, batch_size=batch_size)
+        self.log("val/ssim", self._ssim(images, reconstructions), sync_dist=True, batch_size=batch_size)
+        self.log("val/rec_loss", (images - reconstructions).abs().mean(), sync_dist=True, batch_size=batch_size)
+        if self.lpips is not None:
+            self.log("val/lpips", self.lpips(images, reconstructions).mean(), sync_dist=True, batch_size=batch_size)
+        seen = sum(len(m) for m in self._latent_moments)
+        if seen < self.hparams.scale_factor_samples:
+            self._latent_moments.append(posterior.sample().flatten(1).float())
+        if batch_idx == 0:
+            self._log_grid(images[: self.hparams.log_images], reconstructions[: self.hparams.log_images])
+
+    def _ssim(self, images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+        from torchmetrics.functional.image import structural_similarity_index_measure
+
+        return structural_similarity_index_measure((reconstructions + 1) / 2, (images + 1) / 2, data_range=1.0)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._latent_moments:
+            return
+        latents = torch.cat(self._latent_moments)
+        self._latent_moments = []
+        # std over all latent values of all ranks
+        count = torch.tensor(float(latents.numel()), device=self.device)
+        total, squares = latents.sum(), latents.pow(2).sum()
+        if self.trainer.world_size > 1:
+            count, total, squares = (self.all_gather(t).sum() for t in (count, total, squares))
+        std = (squares / count - (total / count) ** 2).clamp(min=1e-12).sqrt()
+        self.scale_factor.fill_(1.0 / std.item())
+        self.log("val/scale_factor", self.scale_factor, sync_dist=False)
+
+    def _log_grid(self, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
+        from torchvision.utils import make_grid
+
+        grid = make_grid(torch.cat([images, reconstructions]).float().add(1).div(2).clamp(0, 1), nrow=len(images))
+        if self.trainer.is_global_zero:  # also as a PNG in the run folder, for CSV-only runs
+            from torchvision.utils import save_image
+
+            folder = Path(self.trainer.default_root_dir) / "images"
+            folder.mkdir(parents=True, exist_ok=True)
+            save_image(grid, folder / f"reconstructions_{self.global_step:08d}.png")
+        for logger in self.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):  # TensorBoard
+                experiment.add_image("val/reconstructions", grid, self.global_step)
+            elif hasattr(logger, "log_image"):  # wandb
+                logger.log_image("val/reconstructions", [grid], step=self.global_step)
