@@ -149,3 +149,39 @@ def test_lpips_reads_the_vgg_weights_from_a_local_file(tmp_path: Path) -> None:
 def test_missing_lpips_file_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
         AutoencoderTask(MODEL, lpips_weights=str(tmp_path / "nope.pth"))
+
+
+@pytest.mark.slow
+def test_a_tiny_autoencoder_learns_real_photo_crops(tmp_path: Path) -> None:
+    """~2 minutes on 2 cores: 800 steps of 32 px crops of scikit-image's photos (f4, 8x8x4 latents).
+
+    Measured on held-out photo crops: 20.6 dB PSNR (SSIM 0.75) after these 800 steps; an untrained
+    model is far below 10 dB. The threshold keeps a 2.5 dB margin for thread-order noise.
+    """
+    photos = ensure_photos(tmp_path / "photos", scale=128, crop=32, val_crops=16)
+    model = {"embed_dim": 4, "ddconfig": {**TINY["ddconfig"], "ch": 32, "ch_mult": [1, 2, 2], "resolution": 32}}
+    torch.manual_seed(0)
+    task = AutoencoderTask(model, disc_start=10**9, optimizer={"lr": 2e-3}, kl_weight=1e-6)
+    data = ShardDataModule(
+        train={"urls": str(photos / "train.manifest.json"), "mode": "resampled", "epoch_length": 10**6},
+        val={"urls": str(photos / "val.manifest.json")},
+        batch_size=8,
+        num_workers=1,
+        image_size=32,
+        resize_size=128,
+        crop="random",
+        flip=True,
+        normalize="symmetric",
+        require_caption=False,
+    )
+    trainer = pl.Trainer(
+        max_steps=800,
+        val_check_interval=800,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(task, datamodule=data)
+    assert trainer.callback_metrics["val/psnr"] > 18.0

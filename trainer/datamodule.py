@@ -7,6 +7,7 @@ shards when missing) runs once, on the first rank of each node, before that.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,6 +18,11 @@ from trainer.data.pipeline import SampleFilter, ShardDataset, ShardLoader
 from trainer.data.sources import resolve_sources
 from trainer.data.transforms import ImageTransform
 from trainer.errors import ConfigError
+
+
+# Lightning warns that an IterableDataset's __len__ may be off with several workers; ours is exact
+# (ShardDataset gives each worker its share of the batches), so the warning would only mislead.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined", category=UserWarning)
 
 
 class ShardDataModule(pl.LightningDataModule):
