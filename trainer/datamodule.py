@@ -19,7 +19,6 @@ from trainer.data.sources import resolve_sources
 from trainer.data.transforms import ImageTransform
 from trainer.errors import ConfigError
 
-
 # Lightning warns that an IterableDataset's __len__ may be off with several workers; ours is exact
 # (ShardDataset gives each worker its share of the batches), so the warning would only mislead.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined", category=UserWarning)
