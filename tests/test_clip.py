@@ -186,3 +186,54 @@ def test_two_rank_loss_and_gradients_equal_one_process_on_the_whole_batch() -> N
             torch.testing.assert_close(
                 torch.from_numpy(grads[name]), param.grad, atol=1e-5, rtol=1e-4, msg=f"{name} on rank {rank}"
             )
+
+
+@pytest.mark.slow
+def test_a_tiny_clip_learns_the_shapes_data(tmp_path: Path) -> None:
+    """~2 minutes on 2 cores: 400 steps at batch 64 on 32 px shapes, evaluated on 500 held-out images.
+
+    Measured: image->text recall@1 0.238 (chance 0.002), text->image 0.190, zero-shot colour 0.95.
+    The thresholds keep about half of that as margin.
+    """
+    import pytorch_lightning as pl
+
+    from trainer.data.shapes import ensure_shapes
+    from trainer.datamodule import ShardDataModule
+
+    shapes = ensure_shapes(tmp_path / "shapes", n_train=8000, n_val=500, size=32, samples_per_shard=500)
+    config = {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 32, "layers": 3, "width": 128, "head_width": 32, "patch_size": 4},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+    }
+    torch.manual_seed(0)
+    task = CLIPTask(
+        {"name": "clip-learn", "config": config},
+        optimizer={"lr": 1e-3, "weight_decay": 0.1},
+        scheduler={"warmup_steps": 30, "total_steps": 400},
+        zero_shot="shapes",
+        export=False,
+    )
+    data = ShardDataModule(
+        train={"urls": f"{shapes}/train.manifest.json"},
+        val={"urls": f"{shapes}/val.manifest.json"},
+        batch_size=64,
+        num_workers=1,
+        image_size=32,
+        tokenizer=task.tokenizer,
+    )
+    trainer = pl.Trainer(
+        max_steps=400,
+        val_check_interval=None,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(task, datamodule=data)
+    trainer.validate(task, datamodule=data, verbose=False)
+    metrics = trainer.callback_metrics
+    assert metrics["val/samples"] == 500
+    assert metrics["val/image_to_text_R@1"] > 0.12 and metrics["val/text_to_image_R@1"] > 0.09
+    assert metrics["val/zero_shot_color_accuracy"] > 0.7
