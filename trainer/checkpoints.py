@@ -137,10 +137,26 @@ def load_vae_weights(model: torch.nn.Module, path: str | os.PathLike) -> float |
     return None
 
 
-def export_vae(model: torch.nn.Module, path: str | os.PathLike, scale_factor: float | None = None) -> Path:
+def export_vae(
+    model: torch.nn.Module, path: str | os.PathLike, scale_factor: float | None = None, config: dict | None = None
+) -> Path:
     """The autoencoder alone as safetensors in the original SD layout (``encoder.*``, ``decoder.*``,
-    ``quant_conv.*``, ``post_quant_conv.*``), with the scale factor in the metadata."""
+    ``quant_conv.*``, ``post_quant_conv.*``), with the scale factor and the model config (``embed_dim``,
+    ``ddconfig``) in the metadata, so the diffusion stage needs nothing but the file."""
     metadata = {"format": "pt"}
     if scale_factor is not None:
         metadata["scale_factor"] = repr(float(scale_factor))
+    if config is not None:
+        metadata["config"] = json.dumps(config)
     return save_safetensors(model.state_dict(), path, metadata)
+
+
+def read_vae_config(path: str | os.PathLike) -> dict | None:
+    """The model config stored in an autoencoder export's metadata (None for other files)."""
+    if Path(path).suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        stored = (f.metadata() or {}).get("config")
+    return json.loads(stored) if stored else None

@@ -42,8 +42,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
+        _link_latest(output_dir)
         log.info("run folder: %s", output_dir)
     return metrics
+
+
+def _link_latest(output_dir: Path) -> None:
+    """``<experiment folder>/latest`` names the newest finished run, so later stages can refer to
+    ``outputs/shapes_clip/latest/export/clip`` without knowing the timestamp."""
+    link = output_dir.parent / "latest"
+    tmp = output_dir.parent / ".latest.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(output_dir.name)
+    tmp.replace(link)  # atomic: readers see the old or the new run, never none
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

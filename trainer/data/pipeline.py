@@ -23,6 +23,7 @@ add them up across workers and ranks and log them as metrics.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import random
@@ -31,6 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -44,7 +46,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MODES = ("exact", "resampled")
 # Sample-level skip reasons; "filtered" (rejected by a metadata filter) is counted but is no fault.
-FAULTS = ("broken_image", "missing_image", "missing_caption", "bad_json", "shard_error")
+FAULTS = ("broken_image", "missing_image", "missing_caption", "bad_json", "bad_cache", "shard_error")
 
 
 class FaultCounter:
@@ -249,6 +251,8 @@ class ShardDataset(IterableDataset):
 
     def decode_sample(self, sample: dict, rng: random.Random, faults: FaultCounter) -> dict | None:
         url, key = sample.get("__url__"), sample.get("__key__")
+        if "latents.npy" in sample:  # a cached sample (tools/cache_latents.py): tensors instead of an image
+            return self._decode_cached(sample, faults)
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None:
             return faults.skip("missing_image", url, key)
@@ -278,9 +282,25 @@ class ShardDataset(IterableDataset):
             return faults.skip("filtered", url, key)
         return {"image": self.transform(image, rng), "caption": caption, "key": key, "url": url, "meta": meta}
 
+    def _decode_cached(self, sample: dict, faults: FaultCounter) -> dict | None:
+        url, key = sample.get("__url__"), sample.get("__key__")
+        try:
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+            item = {"latents": torch.from_numpy(np.load(io.BytesIO(sample["latents.npy"])))}
+            if "context.npy" in sample:
+                item["context"] = torch.from_numpy(np.load(io.BytesIO(sample["context.npy"])))
+        except (ValueError, OSError) as error:
+            return faults.skip("bad_cache", url, key, error)
+        caption = self._caption(sample, meta) or ""
+        return {**item, "caption": caption, "key": key, "url": url, "meta": meta}
+
     def _collate(self, samples: list[dict], stats: dict) -> dict:
         batch = {
-            "image": torch.stack([s["image"] for s in samples]),
+            **{
+                name: torch.stack([s[name] for s in samples])
+                for name in ("image", "latents", "context")
+                if name in samples[0]
+            },
             "caption": [s["caption"] for s in samples],
             "key": [s["key"] for s in samples],
             "url": [s["url"] for s in samples],

@@ -116,8 +116,6 @@ class ShardWriter:
         size: tuple[int, int] | None = None,
     ) -> None:
         """Add one sample. For pre-encoded ``image`` bytes, ``size`` (width, height) saves re-reading them."""
-        if self._tar is None:
-            self._open_next()
         if isinstance(image, Image.Image):
             data = encode_image(image, self.image_format, self.quality, self.max_side)
             ext = "jpg" if self.image_format == "jpeg" else self.image_format
@@ -125,11 +123,14 @@ class ShardWriter:
         else:
             data, ext = image, (image_ext or self.image_format)
             size = size or _encoded_size(data)
-        record: dict[str, Any] = {"key": key, "caption": caption}
-        record.update(meta or {})
-        record.setdefault("width", size[0])
-        record.setdefault("height", size[1])
-        sample = {"__key__": key, ext: data, "json": json.dumps(record).encode()}
+        self.write_members(key, {ext: data}, caption, {"width": size[0], "height": size[1], **(meta or {})})
+
+    def write_members(self, key: str, members: dict[str, bytes], caption: str | None, meta: dict | None = None) -> None:
+        """Add one sample whose members are given as bytes by extension (e.g. ``latents.npy``), no image."""
+        if self._tar is None:
+            self._open_next()
+        record: dict[str, Any] = {"key": key, "caption": caption, **(meta or {})}
+        sample = {"__key__": key, **members, "json": json.dumps(record).encode()}
         if caption is not None:
             sample["txt"] = caption.encode()
         self._tar.write(sample)

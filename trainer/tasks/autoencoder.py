@@ -183,7 +183,7 @@ class AutoencoderTask(pl.LightningModule):
             from trainer.checkpoints import export_vae
 
             out = Path(self.trainer.default_root_dir) / "export" / "autoencoder.safetensors"
-            export_vae(self.eval_autoencoder, out, self.scale_factor.item())
+            export_vae(self.eval_autoencoder, out, self.scale_factor.item(), dict(self.hparams.model))
             log.info("exported the autoencoder (scale factor %.5f) to %s", self.scale_factor.item(), out)
 
     # -- evaluation -------------------------------------------------------------------------------

@@ -1,0 +1,241 @@
+"""Stage 3, latent diffusion: the task around the frozen stages, export/import, sampling, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import pytorch_lightning as pl
+import torch
+from safetensors import safe_open
+
+from conftest import REPO, write_shards
+from trainer.checkpoints import export_vae
+from trainer.datamodule import ShardDataModule
+from trainer.errors import ConfigError
+from trainer.models.autoencoder import AutoencoderKL
+from trainer.models.clip import build_clip, export_clip
+from trainer.models.text_encoder import TextEncoder
+from trainer.tasks.latent_diffusion import LatentDiffusionTask
+
+CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+AE = {
+    "embed_dim": 4,
+    "ddconfig": {
+        "double_z": True,
+        "z_channels": 4,
+        "resolution": 32,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 32,
+        "ch_mult": [1, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    },
+}
+UNET = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "attention_resolutions": [1],
+    "num_res_blocks": 1,
+    "channel_mult": [1, 2],
+    "num_head_channels": 16,
+    "use_spatial_transformer": True,
+    "context_dim": 64,
+}
+VALIDATION = {"prompts": ["a red circle", "a blue square"], "steps": 3, "height": 32, "width": 32}
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stand-ins for the outputs of stages 1 and 2: a CLIP export folder and an autoencoder export."""
+    folder = tmp_path_factory.mktemp("stages")
+    torch.manual_seed(0)
+    clip, _ = build_clip("ldm-test-clip", CLIP)
+    export_clip(clip, "ldm-test-clip", CLIP, folder / "clip")
+    export_vae(AutoencoderKL.from_config(AE), folder / "vae.safetensors", scale_factor=0.5, config=AE)
+    write_shards(folder / "shards", "train", 16, 8, size=32)
+    write_shards(folder / "shards", "val", 8, 4, size=32, seed=1)
+    return folder
+
+
+def make_task(stages: Path, **kwargs) -> LatentDiffusionTask:
+    kwargs.setdefault("validation", VALIDATION)
+    kwargs.setdefault("ema_decay", 0.9)
+    return LatentDiffusionTask(
+        UNET, {"checkpoint": str(stages / "vae.safetensors")}, {"source": str(stages / "clip")}, **kwargs
+    )
+
+
+def fit(task: LatentDiffusionTask, stages: Path, root: Path, steps: int = 3) -> pl.Trainer:
+    data = ShardDataModule(
+        train={"urls": str(stages / "shards" / "train.manifest.json")},
+        val={"urls": str(stages / "shards" / "val.manifest.json")},
+        batch_size=4,
+        num_workers=0,
+        image_size=32,
+        normalize="symmetric",
+    )
+    trainer = pl.Trainer(
+        max_steps=steps,
+        val_check_interval=steps,
+        limit_val_batches=1,
+        accelerator="cpu",
+        logger=False,
+        default_root_dir=root,
+        enable_progress_bar=False,
+    )
+    trainer.fit(task, datamodule=data)
+    return trainer
+
+
+def test_text_encoder_last_layer_matches_open_clips_own_text_features(stages: Path) -> None:
+    encoder = TextEncoder.from_source(str(stages / "clip"))
+    clip = open_clip.create_model(f"local-dir:{stages / 'clip'}").eval()
+    tokens = encoder.tokenizer(["a red circle", "two blue squares on grey"])
+    with torch.no_grad():
+        hidden = encoder(tokens)  # (B, L, width)
+        pooled = hidden[torch.arange(len(tokens)), tokens.argmax(dim=-1)] @ clip.text_projection
+        torch.testing.assert_close(pooled, clip.encode_text(tokens), atol=1e-5, rtol=1e-5)
+    assert hidden.shape == (2, 16, 64) and encoder.width == 64
+    penultimate = TextEncoder.from_source(str(stages / "clip"), layer="penultimate")
+    assert not torch.allclose(penultimate(tokens), hidden)
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_the_frozen_stages_are_checked_against_the_unet(stages: Path) -> None:
+    with pytest.raises(ConfigError, match="context_dim"):
+        LatentDiffusionTask(
+            {**UNET, "context_dim": 32},
+            {"checkpoint": str(stages / "vae.safetensors")},
+            {"source": str(stages / "clip")},
+        )
+    with pytest.raises(ConfigError, match="in_channels"):
+        LatentDiffusionTask(
+            {**UNET, "in_channels": 3},
+            {"checkpoint": str(stages / "vae.safetensors")},
+            {"source": str(stages / "clip")},
+        )
+    task = make_task(stages)
+    assert task.scale_factor == 0.5  # read from the autoencoder export
+    assert not any(p.requires_grad for p in task.autoencoder.parameters())
+
+
+def test_training_steps_validation_grid_ema_and_export(stages: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    task = make_task(stages)
+    trainer = fit(task, stages, tmp_path)
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"]) and "val/loss_t500" in metrics and "val/loss" in metrics
+    assert (tmp_path / "images" / "samples_00000003.png").is_file()
+    trained, ema = task.unet.state_dict(), task.ema_unet.module.state_dict()
+    assert any(not torch.equal(trained[k], ema[k]) for k in trained)
+    with safe_open(str(tmp_path / "export" / "ldm.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert float(f.metadata()["scale_factor"]) == 0.5
+        assert torch.equal(f.get_tensor("model.diffusion_model.out.2.weight"), ema["out.2.weight"])
+    assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model"}
+
+    # the export is "released weights" for the next fine-tune: UNet and VAE load strictly
+    fresh = make_task(stages, pretrained=str(tmp_path / "export" / "ldm.safetensors"))
+    assert all(torch.equal(fresh.unet.state_dict()[k], v) for k, v in ema.items())
+
+
+def test_mismatched_pretrained_file_lists_the_keys(stages: Path, tmp_path: Path) -> None:
+    from trainer.checkpoints import save_safetensors
+
+    task = make_task(stages)
+    state = {f"model.diffusion_model.{k}": v for k, v in task.unet.state_dict().items() if not k.startswith("out.")}
+    save_safetensors(state, tmp_path / "partial.safetensors")
+    with pytest.raises(ConfigError, match=r"missing keys \['out.0.weight'"):
+        make_task(stages, pretrained=str(tmp_path / "partial.safetensors"))
+
+
+def test_generation_is_reproducible_per_seed_and_sizes_follow_the_latent_stride(stages: Path) -> None:
+    pipeline = make_task(stages).pipeline()
+    a = pipeline.generate(["a red circle", "a blue square"], steps=3, seeds=[5, 6], height=32, width=16)
+    b = pipeline.generate(["a blue square"], steps=3, seeds=[6], height=32, width=16)
+    assert a.shape == (2, 3, 32, 16) and a.min() >= -1 and a.max() <= 1
+    torch.testing.assert_close(a[1:], b, atol=1e-5, rtol=0)  # image 2 alone = image 2 in a batch
+    with pytest.raises(ConfigError, match="multiples of 2"):
+        pipeline.generate(["x"], steps=2, height=31, width=32)
+
+
+@pytest.mark.slow
+def test_sampling_cli_end_to_end(stages: Path, tmp_path: Path) -> None:
+    trainer = fit(make_task(stages), stages, tmp_path / "run", steps=2)
+    checkpoint = trainer.checkpoint_callback.best_model_path or next((tmp_path / "run").rglob("*.ckpt"))
+    out = tmp_path / "samples"
+    command = [sys.executable, str(REPO / "tools" / "sample.py"), str(checkpoint), "--prompt", "a red circle"]
+    command += ["--prompt", "a blue square", "--negative-prompt", "green", "--batch", "2", "--steps", "3"]
+    command += ["--guidance", "3", "--sampler", "euler_ancestral", "--trajectory", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert [line["prompt"] for line in lines] == ["a red circle"] * 2 + ["a blue square"] * 2
+    assert [line["seed"] for line in lines] == [0, 1, 2, 3]
+    assert all((out / line["file"]).is_file() for line in lines)
+    assert (out / "grid.png").is_file() and (out / "0000_trajectory.png").is_file()
+    from PIL import Image
+
+    strip = Image.open(out / "0000_trajectory.png")
+    assert strip.size == (32 * 4, 32)  # 3 steps + the final image, side by side
+
+    img2img = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "sample.py"), str(checkpoint), "--prompt", "x"]
+        + ["--init-image", str(out / "0000.png"), "--strength", "0.5", "--steps", "4", "--out", str(tmp_path / "i2i")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert img2img.returncode == 0, img2img.stderr[-2000:]
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "sample.py"), str(checkpoint), "--prompt", "x", "--sampler", "nope"]
+        + ["--out", str(tmp_path / "bad")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "unknown sampler 'nope'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cached_latents_train_and_a_stale_cache_is_refused(stages: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "cache_latents.py"), "--autoencoder", str(stages / "vae.safetensors")]
+        + ["--text-encoder", str(stages / "clip"), "--urls", str(stages / "shards" / "train.manifest.json")]
+        + ["--image-size", "32", "--batch-size", "8", "--out", str(cache)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "cached 16 samples" in result.stdout
+    task = make_task(stages)
+    data = ShardDataModule(
+        train={"urls": str(cache / "train.manifest.json")}, batch_size=4, num_workers=0, image_size=32
+    )
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch["latents"].shape == (4, 4, 16, 16) and batch["context"].shape == (4, 16, 64)
+    latents, context = task.latents_and_context(batch, drop_captions=False)
+    assert latents.dtype == torch.float32 and torch.equal(context, batch["context"].float())
+    timesteps = torch.tensor([10, 500, 900, 999])
+    assert torch.isfinite(task.diffusion_loss(latents, context, timesteps, torch.randn_like(latents))).all()
+
+    other = tmp_path / "other_vae.safetensors"
+    torch.manual_seed(123)
+    export_vae(AutoencoderKL.from_config(AE), other, scale_factor=0.5, config=AE)
+    stale = LatentDiffusionTask(UNET, {"checkpoint": str(other)}, {"source": str(stages / "clip")}, ema_decay=None)
+    with pytest.raises(ConfigError, match="stale cache"):
+        stale.latents_and_context(batch, drop_captions=False)
