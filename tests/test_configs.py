@@ -19,7 +19,12 @@ from trainer.train import CONFIG_DIR
 EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
 # Values a user must give on the command line for experiments on external data.
 # Brace patterns are quoted: Hydra's override grammar reads { } as a dict otherwise.
-REQUIRED = {"data.train.urls": "'/datasets/train-{000000..000009}.tar'"}
+REQUIRED = {
+    "data.train.urls": "'/datasets/train-{000000..000009}.tar'",
+    "task.text_encoder.source": "/weights/clip-export",
+    "task.autoencoder.checkpoint": "/weights/vae.safetensors",
+    "task.pretrained": "/weights/sd15.safetensors",
+}
 
 
 def compose_config(tmp_path: Path, overrides: list[str]):
@@ -31,7 +36,10 @@ def compose_config(tmp_path: Path, overrides: list[str]):
 
 
 def test_there_are_experiments() -> None:
-    assert {"shapes_clip", "laion_clip_vit_b32"} <= set(EXPERIMENTS)
+    stages = {"clip", "autoencoder", "ldm"}
+    assert {f"shapes_{stage}" for stage in stages} | {"laion_clip_vit_b32", "laion_ldm_sd15", "finetune_sd15"} <= set(
+        EXPERIMENTS
+    )
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

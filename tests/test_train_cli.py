@@ -72,3 +72,31 @@ def test_two_process_ddp_on_cpu(tmp_path: Path) -> None:
     assert [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     # validation gathered both ranks' features: 16 val samples in all
     assert any(r.get("val/samples") == "16.0" for r in rows)
+
+
+@pytest.mark.slow
+def test_the_three_shapes_stages_chain_through_the_cli(tmp_path: Path) -> None:
+    """shapes_clip -> shapes_autoencoder -> shapes_ldm with debug=fast: the LDM finds the earlier
+    stages' exports through outputs/<name>/latest, as the experiment configs name them."""
+    common = [
+        "debug=fast",
+        f"paths.root_dir={tmp_path}",
+        "data.prepare.n_train=400",
+        "data.prepare.n_val=64",
+        "data.prepare.samples_per_shard=100",
+    ]
+    for experiment in ("shapes_clip", "shapes_autoencoder", "shapes_ldm"):
+        result = subprocess.run(
+            [sys.executable, "-m", "trainer.train", f"experiment={experiment}", *common],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, f"{experiment}: {result.stderr[-3000:]}"
+        assert (tmp_path / "outputs" / experiment / "latest" / "config.yaml").is_file()
+    exports = tmp_path / "outputs"
+    assert (exports / "shapes_clip" / "latest" / "export" / "clip" / "open_clip_config.json").is_file()
+    assert (exports / "shapes_autoencoder" / "latest" / "export" / "autoencoder.safetensors").is_file()
+    assert (exports / "shapes_ldm" / "latest" / "export" / "ldm.safetensors").is_file()
+    assert list((exports / "shapes_ldm" / "latest" / "images").glob("samples_*.png"))
