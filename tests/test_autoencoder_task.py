@@ -185,3 +185,38 @@ def test_a_tiny_autoencoder_learns_real_photo_crops(tmp_path: Path) -> None:
     )
     trainer.fit(task, datamodule=data)
     assert trainer.callback_metrics["val/psnr"] > 18.0
+
+
+def test_scale_factor_tool_measures_and_stores_it_in_the_checkpoint(photos: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    torch.manual_seed(0)
+    task = AutoencoderTask(MODEL)
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, tmp_path / "ae.ckpt")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "scale_factor.py"), str(tmp_path / "ae.ckpt")]
+        + ["--urls", str(photos / "val.manifest.json"), "--samples", "1000", "--image-size", "32"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    stored = torch.load(tmp_path / "ae.ckpt", weights_only=True)["state_dict"]["scale_factor"].item()
+    assert f"scale_factor = {stored:.6f}" in result.stdout
+    # 1 / std of the posterior samples (SD's definition), whose variance is var(mean) + E[var]
+    data = ShardDataModule(
+        train={"urls": str(photos / "val.manifest.json")},
+        batch_size=4,
+        num_workers=0,
+        image_size=32,
+        normalize="symmetric",
+    )
+    data.setup("fit")
+    with torch.no_grad():
+        posteriors = [task.autoencoder.encode(b["image"]) for b in data.train_dataloader()]
+    means = torch.cat([p.mean for p in posteriors])
+    variance = means.var() + torch.cat([p.var for p in posteriors]).mean()
+    assert stored == pytest.approx(1 / variance.sqrt().item(), rel=0.03)
