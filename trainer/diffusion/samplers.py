@@ -119,19 +119,13 @@ def sample_ddim(
     With ``eta`` = 0 (the default) it is deterministic, the first-order solver of the probability-flow
     ODE, and runs in either direction: given increasing sigmas starting above 0 it maps data to noise
     (DDIM inversion), and the decreasing schedule maps it back. ``eta`` = 1 is DDPM's ancestral sampling.
+
+    In the sigma parameterisation this update is exactly Euler ancestral's (x0_hat + sigma_down eps_hat
+    = x + eps_hat (sigma_down - sigma)), so it runs :func:`sample_euler_ancestral` with DDIM's default eta.
     """
-    sigmas, extra_args = _prepare(sigmas, x, extra_args)
-    for step in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[step], sigmas[step + 1]
-        denoised = denoiser(x, sigma.expand(x.shape[0]), **extra_args)
-        noise_estimate = (x - denoised) / sigma
-        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        x = denoised + sigma_down * noise_estimate
-        if sigma_up > 0:
-            x = x + sigma_up * randn_like(x, generator)
-        if callback is not None:
-            callback(step, x, denoised)
-    return x
+    return sample_euler_ancestral(
+        denoiser, x, sigmas, extra_args=extra_args, generator=generator, callback=callback, eta=eta
+    )
 
 
 @torch.no_grad()
