@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from trainer.errors import ConfigError
 from trainer.models.clip import build_clip, export_clip, export_clip_checkpoint, load_clip_weights
-from trainer.tasks.clip import CLIPTask, make_loss, no_weight_decay, retrieval_recall, warmup_cosine
+from trainer.tasks.clip import CLIPTask, make_loss, no_weight_decay, retrieval_recall
+from trainer.tasks.optimization import warmup_cosine
 
 TINY = {
     "embed_dim": 32,

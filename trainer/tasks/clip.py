@@ -9,7 +9,6 @@ zero-shot classification).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from open_clip.loss import ClipLoss, SigLipLoss
 
 from trainer.errors import ConfigError
 from trainer.models.clip import LOGIT_SCALE_MAX, build_clip, export_clip
+from trainer.tasks.optimization import adamw_with_schedule
 
 log = logging.getLogger(__name__)
 LOSSES = ("clip", "siglip")
@@ -29,18 +29,6 @@ LOSSES = ("clip", "siglip")
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     """Gains, biases, embeddings and the logit scale/bias are not decayed (as in open_clip)."""
     return param.ndim < 2 or any(s in name for s in ("bias", "ln", "bn", "norm", "logit_", "embedding"))
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
-    """LR multiplier: linear warmup from ~0 to 1, then cosine decay to ``min_lr_ratio``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
@@ -218,16 +206,8 @@ class CLIPTask(pl.LightningModule):
         for name, param in self.model.named_parameters():
             if param.requires_grad:
                 (no_decay if no_weight_decay(name, param) else decay).append(param)
-        cfg = self.optimizer_cfg
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg["lr"],
-            betas=tuple(cfg["betas"]),
-            eps=cfg["eps"],
-        )
-        total = self.scheduler_cfg["total_steps"] or self.trainer.max_steps
-        if not total or total < 1:
-            raise ConfigError("the cosine schedule needs task.scheduler.total_steps or trainer.max_steps > 0")
-        schedule = warmup_cosine(self.scheduler_cfg["warmup_steps"], total, self.scheduler_cfg["min_lr_ratio"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        groups = [
+            {"params": decay, "weight_decay": self.optimizer_cfg["weight_decay"]},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        return adamw_with_schedule(groups, self.optimizer_cfg, self.scheduler_cfg, self.trainer.max_steps)

@@ -49,7 +49,7 @@ from trainer.latent_cache import check_cache_tags, latent_tag
 from trainer.models.autoencoder import AutoencoderKL
 from trainer.models.text_encoder import TextEncoder
 from trainer.models.unet import UNetModel
-from trainer.tasks.clip import warmup_cosine
+from trainer.tasks.optimization import adamw_with_schedule
 
 log = logging.getLogger(__name__)
 # The frozen autoencoder and text encoder stay in eval mode on purpose.
@@ -324,17 +324,6 @@ class LatentDiffusionTask(pl.LightningModule):
     # -- optimization -----------------------------------------------------------------------------
 
     def configure_optimizers(self):
-        cfg = self.optimizer_cfg
-        optimizer = torch.optim.AdamW(
-            self.unet.parameters(),
-            lr=cfg["lr"],
-            betas=tuple(cfg["betas"]),
-            eps=cfg["eps"],
-            weight_decay=cfg["weight_decay"],
+        return adamw_with_schedule(
+            self.unet.parameters(), self.optimizer_cfg, self.scheduler_cfg, self.trainer.max_steps
         )
-        total = self.scheduler_cfg["total_steps"] or self.trainer.max_steps
-        if not total or total < 1:
-            raise ConfigError("the LR schedule needs task.scheduler.total_steps or trainer.max_steps > 0")
-        schedule = warmup_cosine(self.scheduler_cfg["warmup_steps"], total, self.scheduler_cfg["min_lr_ratio"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,43 @@
+"""What the tasks share about optimization: AdamW from a config and the warmup-then-cosine schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from trainer.errors import ConfigError
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
+    """LR multiplier: linear warmup from ~0 to 1, then cosine decay to ``min_lr_ratio`` (1: constant)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def adamw_with_schedule(
+    params: Iterable[Any], optimizer: Mapping[str, Any], scheduler: Mapping[str, Any], max_steps: int | None
+) -> dict:
+    """Lightning's ``configure_optimizers`` answer: AdamW (lr, betas, eps, weight_decay from ``optimizer``;
+    per-group settings in ``params`` win) stepped by :func:`warmup_cosine` every optimizer step."""
+    adamw = torch.optim.AdamW(
+        params,
+        lr=optimizer["lr"],
+        betas=tuple(optimizer["betas"]),
+        eps=optimizer["eps"],
+        weight_decay=optimizer["weight_decay"],
+    )
+    total = scheduler.get("total_steps") or max_steps
+    if not total or total < 1:
+        raise ConfigError("the LR schedule needs task.scheduler.total_steps or trainer.max_steps > 0")
+    schedule = warmup_cosine(scheduler.get("warmup_steps", 0), total, scheduler.get("min_lr_ratio", 0.0))
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, schedule)
+    return {"optimizer": adamw, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
