@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from trainer.data.sources import Source, check_sources, open_url, resolve_sources
 from trainer.data.transforms import ImageTransform, decode_image
@@ -296,8 +296,10 @@ class ShardDataset(IterableDataset):
 
     def _collate(self, samples: list[dict], stats: dict) -> dict:
         batch = {
+            # default_collate stacks straight into shared memory inside a loader worker, which saves
+            # the DataLoader a second copy of every batch on its way to the main process
             **{
-                name: torch.stack([s[name] for s in samples])
+                name: default_collate([s[name] for s in samples])
                 for name in ("image", "latents", "context")
                 if name in samples[0]
             },

@@ -86,8 +86,10 @@ class ImageTransform:
             mean, std = NORMALIZATIONS[self.normalize]
         else:
             mean, std = self.normalize
-        self._mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
-        self._inv_std = 1.0 / np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+        # (x / 255 - mean) / std  ==  x * scale - offset, per channel, shaped (3, 1, 1)
+        inv_std = 1.0 / np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+        self._scale = (inv_std / 255.0).astype(np.float32)
+        self._offset = (np.asarray(mean, dtype=np.float32).reshape(3, 1, 1) * inv_std).astype(np.float32)
 
     def resize_and_crop(self, image: Image.Image, rng: random.Random | None = None) -> Image.Image:
         width, height = image.size
@@ -107,9 +109,11 @@ class ImageTransform:
         return image
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
-        array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)  # (3, H, W), 0..255
-        array = (array * (1.0 / 255.0) - self._mean) * self._inv_std
-        return torch.from_numpy(np.ascontiguousarray(array))
+        pixels = np.asarray(image).transpose(2, 0, 1)  # (3, H, W) uint8 view
+        # one pass from uint8 into a C-ordered float32 array, then one in-place subtraction
+        array = np.multiply(pixels, self._scale, dtype=np.float32, order="C")
+        array -= self._offset
+        return torch.from_numpy(array)
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         return self.to_tensor(self.resize_and_crop(image, rng))
