@@ -1,0 +1,227 @@
+"""The end-to-end demo on the embedded shapes data: ``python -m trainer.demo`` (``--fast`` for a
+short run).
+
+1. makes the shapes shards if they are missing;
+2. trains CLIP (``shapes_clip``), the autoencoder (``shapes_autoencoder``) and the latent diffusion
+   UNet (``shapes_ldm``, conditioned on that CLIP's text tower, in that autoencoder's latent space)
+   as ordinary Hydra runs of ``python -m trainer.train``, each in its own folder under ``--out``;
+3. samples held-out prompts (attribute combinations drawn from a seed stream the training data never
+   used, captions from the dataset's templates), evaluates every image with the segmentation-based
+   shapes evaluator, and prints a summary table: the stages, their times, their metrics.
+
+Written under ``--out``: ``samples/NNNN.png``, ``samples/prompts.jsonl`` (file, prompt, attributes,
+seed), ``samples/grid.png`` (labelled), ``samples/trajectory.png`` (one image emerging from noise),
+``report.json`` (evaluation) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from trainer.data.shapes import ensure_shapes, make_caption, sample_attributes
+
+# Steps per stage: the full demo aims at <= 15 minutes on 2 CPU cores, --fast at <= 3.
+SCHEDULES = {
+    "full": {"clip": 600, "autoencoder": 1500, "ldm": 2000, "train": 20000, "val": 1000, "prompts": 64, "steps": 20},
+    "fast": {"clip": 40, "autoencoder": 40, "ldm": 60, "train": 1000, "val": 200, "prompts": 8, "steps": 8},
+}
+FIELDS = ("color", "shape", "position", "size")
+
+
+def run_stage(experiment: str, out: Path, overrides: list[str], log: Path) -> float:
+    """One stage as an ordinary Hydra run; its console output is shown and kept in ``log``."""
+    command = [sys.executable, "-m", "trainer.train", f"experiment={experiment}", f"hydra.run.dir={out}", *overrides]
+    print(f"\n=== {experiment}: {' '.join(command[2:])}", flush=True)
+    started = time.perf_counter()
+    with open(log, "w") as sink:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in process.stdout:
+            sink.write(line)
+            if not line.startswith(("\r", " ")) or "Epoch" in line:
+                print(line.rstrip()[-160:], flush=True)
+        if process.wait() != 0:
+            raise SystemExit(f"error: stage {experiment} failed (exit {process.returncode}); see {log}")
+    return time.perf_counter() - started
+
+
+def last_metrics(run: Path) -> dict[str, float]:
+    """The last logged value of every metric of a run's CSV log."""
+    files = sorted(run.rglob("metrics.csv"))
+    values: dict[str, float] = {}
+    if files:
+        with open(files[-1]) as f:
+            for row in csv.DictReader(f):
+                values.update({k: float(v) for k, v in row.items() if v not in ("", None)})
+    return values
+
+
+def held_out_prompts(count: int, seed: int = 10_000) -> list[dict]:
+    """Attribute combinations from a seed stream the generator's train/val splits never use."""
+    prompts = []
+    for index in range(count):
+        rng = random.Random(f"demo:{seed}:{index}")
+        attributes = sample_attributes(rng)
+        prompts.append({"prompt": make_caption(attributes, 0), "attributes": attributes, "seed": index})
+    return prompts
+
+
+def labelled_grid(images: list[Image.Image], labels: list[str], columns: int = 8) -> Image.Image:
+    """Images in a grid with their prompt (wrapped) under each."""
+    size = images[0].width
+    cell_h = size + 36
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * max(size, 128), rows * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    width = max(size, 128)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        x, y = (i % columns) * width, (i // columns) * cell_h
+        grid.paste(image, (x + (width - size) // 2, y))
+        draw.multiline_text((x + 2, y + size + 1), "\n".join(textwrap.wrap(label, 22)[:3]), fill="black", spacing=0)
+    return grid
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    return Image.fromarray(((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def sample_and_evaluate(checkpoint: Path, out: Path, count: int, steps: int) -> dict:
+    from trainer.eval.shapes import evaluate
+    from trainer.generate import load_checkpoint_pipeline
+
+    pipeline = load_checkpoint_pipeline(str(checkpoint))
+    prompts = held_out_prompts(count)
+    samples = out / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    images: list[Image.Image] = []
+    for start in range(0, count, 16):
+        chunk = prompts[start : start + 16]
+        generated = pipeline.generate(
+            [p["prompt"] for p in chunk], steps=steps, guidance=3.0, seeds=[p["seed"] for p in chunk]
+        )
+        images += [to_pil(image) for image in generated]
+    with open(samples / "prompts.jsonl", "w") as index:
+        for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+            image.save(samples / f"{i:04d}.png")
+            fields = {k: prompt["attributes"][k] for k in FIELDS}
+            index.write(
+                json.dumps(
+                    {"file": f"{i:04d}.png", "prompt": prompt["prompt"], "attributes": fields, "seed": prompt["seed"]}
+                )
+                + "\n"
+            )
+    labelled_grid(images, [p["prompt"] for p in prompts]).save(samples / "grid.png")
+    frames: list[torch.Tensor] = []
+    final = pipeline.generate(
+        [prompts[0]["prompt"]],
+        steps=steps,
+        guidance=3.0,
+        seeds=[prompts[0]["seed"]],
+        callback=lambda step, x, denoised: frames.append(pipeline.decode_latents(x)[0]),
+    )
+    to_pil(torch.cat([*frames, final[0]], dim=2)).save(samples / "trajectory.png")
+    report = evaluate(images, [{k: p["attributes"][k] for k in FIELDS} for p in prompts])
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/demo", help="where the stages, samples and reports go")
+    parser.add_argument("--fast", action="store_true", help="a short run (minutes) that exercises every step")
+    parser.add_argument(
+        "--data", default=None, help="shapes shard folder (default: data/shapes/shards, or under --out with --fast)"
+    )
+    args = parser.parse_args(argv)
+    plan = SCHEDULES["fast" if args.fast else "full"]
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    data = Path(args.data) if args.data else (out / "shards" if args.fast else Path("data/shapes/shards"))
+    print(f"=== shapes data: {data}", flush=True)
+    t = time.perf_counter()
+    ensure_shapes(data, n_train=plan["train"], n_val=plan["val"], samples_per_shard=max(plan["train"] // 40, 25))
+    times = {"data": time.perf_counter() - t}
+    shards = [
+        "data.prepare=null",
+        f"data.train.urls={data.resolve()}/train.manifest.json",
+        f"data.val.urls={data.resolve()}/val.manifest.json",
+        "logger=csv",
+    ]
+    fast = ["trainer.val_check_interval=null", "trainer.limit_val_batches=2"] if args.fast else []
+    runs = {name: out / name for name in ("clip", "autoencoder", "ldm")}
+    times["clip"] = run_stage(
+        "shapes_clip", runs["clip"], [*shards, *fast, f"trainer.max_steps={plan['clip']}"], out / "clip.log"
+    )
+    times["autoencoder"] = run_stage(
+        "shapes_autoencoder",
+        runs["autoencoder"],
+        [*shards, *fast, f"trainer.max_steps={plan['autoencoder']}"],
+        out / "autoencoder.log",
+    )
+    ldm = [
+        *shards,
+        *fast,
+        f"trainer.max_steps={plan['ldm']}",
+        f"task.text_encoder.source={runs['clip']}/export/clip",
+        f"task.autoencoder.checkpoint={runs['autoencoder']}/export/autoencoder.safetensors",
+    ]
+    times["ldm"] = run_stage("shapes_ldm", runs["ldm"], ldm, out / "ldm.log")
+
+    print("\n=== sampling and evaluating held-out prompts", flush=True)
+    t = time.perf_counter()
+    report = sample_and_evaluate(runs["ldm"] / "checkpoints" / "last.ckpt", out, plan["prompts"], plan["steps"])
+    times["sample+eval"] = time.perf_counter() - t
+
+    clip, autoencoder, diffusion = (last_metrics(runs[k]) for k in ("clip", "autoencoder", "ldm"))
+    rows = [
+        ("data", times["data"], f"{plan['train']} train / {plan['val']} val images"),
+        (
+            "clip",
+            times["clip"],
+            "zero-shot colour {:.3f}, shape {:.3f}; R@1 {:.3f}".format(
+                clip.get("val/zero_shot_color_accuracy", float("nan")),
+                clip.get("val/zero_shot_shape_accuracy", float("nan")),
+                clip.get("val/image_to_text_R@1", float("nan")),
+            ),
+        ),
+        (
+            "autoencoder",
+            times["autoencoder"],
+            "PSNR {:.2f} dB, SSIM {:.3f}, scale factor {:.4f}".format(
+                autoencoder.get("val/psnr", float("nan")),
+                autoencoder.get("val/ssim", float("nan")),
+                autoencoder.get("val/scale_factor", float("nan")),
+            ),
+        ),
+        ("ldm", times["ldm"], "val loss {:.4f}".format(diffusion.get("val/loss", float("nan")))),
+        (
+            "sample+eval",
+            times["sample+eval"],
+            " ".join(f"{k} {report['accuracy'][k]:.3f}" for k in FIELDS) + f" ({report['images']} held-out prompts)",
+        ),
+    ]
+    total = time.perf_counter() - started
+    print("\n| stage | time | metrics |\n| --- | ---: | --- |")
+    for stage, seconds, metrics in rows:
+        print(f"| {stage} | {seconds / 60:.1f} min | {metrics} |")
+    print(f"| total | {total / 60:.1f} min | outputs in {out} |")
+    summary = {"times_s": times, "total_s": total, "clip": clip, "autoencoder": autoencoder, "ldm": diffusion}
+    summary["evaluation"] = report["accuracy"]
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
