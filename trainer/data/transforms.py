@@ -45,7 +45,8 @@ def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
         width, height = image.size
         scale = min(width, height) / min_side
         if scale >= 2:
-            image.draft("RGB", (max(1, round(width / scale)), max(1, round(height / scale))))
+            # floor, not round: a size rounded up makes Pillow skip the reduction and decode at full size
+            image.draft("RGB", (max(1, int(width / scale)), max(1, int(height / scale))))
     image.load()
     if image.mode != "RGB":
         image = image.convert("RGBA").convert("RGB") if image.mode in ("P", "LA") else image.convert("RGB")
