@@ -404,7 +404,7 @@ def count_flops(stepper: Stepper, args: argparse.Namespace) -> int:
 
 
 def run_subprocess(worker: str, argv: list[str], weights: str) -> dict[str, Any]:
-    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", worker, "--weights", weights]
+    command = [sys.executable, os.path.abspath(__file__), *argv, "--worker", worker, "--weights", weights]
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         sys.stderr.write(completed.stdout + completed.stderr)
