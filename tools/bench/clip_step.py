@@ -32,6 +32,11 @@ got. Runs alternate (ours first in odd repeats, open_clip first in even ones); t
 the medians of samples/s. The shards are the embedded shapes dataset (``trainer.data.shapes``:
 ``key.jpg``, ``key.txt``, ``key.json``) rendered at ``--source-size`` px. The exit status is 0
 whatever the ratio: this is a measurement, not a test.
+
+Measure on a quiet machine (``uptime``): with as many torch threads as cores (the default), every
+OpenMP barrier waits for a thread that a neighbouring job has pushed off its core, and steps get 5 to
+20 times slower, erratically. If the machine cannot be had to itself, ``--threads 1`` still gives
+usable figures, and the CPU ms per sample stay comparable.
 """
 
 from __future__ import annotations
@@ -80,7 +85,8 @@ bench_dir, config, threads, warmup, steps, *argv = sys.argv[1:]
 sys.path.insert(0, bench_dir)
 from clip_step import RESULT, Marks
 torch.set_num_threads(int(threads))
-open_clip.add_model_config(config)
+if config:  # a custom architecture; a built-in name needs none
+    open_clip.add_model_config(config)
 marks = Marks(int(warmup), int(steps))
 class Watch(logging.Handler):
     step = 0
@@ -182,8 +188,9 @@ def figures(marks: dict, steps: int, batch_size: int, wait_ms: float) -> dict:
 # -- setup ---------------------------------------------------------------------------------------
 
 
-def model_config(path: Path, image_size: int) -> tuple[str, dict]:
-    """The model name and open_clip config dict of a ``configs/model/clip`` file at ``image_size``."""
+def model_config(path: Path, image_size: int) -> tuple[str, dict | None]:
+    """The model name and open_clip config dict (None for a built-in name such as ``ViT-B-32``) of a
+    ``configs/model/clip`` file at ``image_size``."""
     from omegaconf import OmegaConf
 
     composed = OmegaConf.create({"data": {"image_size": image_size}, "model": OmegaConf.load(path)})
@@ -346,7 +353,8 @@ def run_open_clip(args: argparse.Namespace, urls: str, scratch: Path, run: int) 
     """``open_clip_train.main`` in its own environment, timed at its per-step log lines."""
     name, config = model_config(args.model_config, args.image_size)
     config_path = scratch / f"{name}.json"
-    config_path.write_text(json.dumps(config))
+    if config is not None:
+        config_path.write_text(json.dumps(config))
     lr, weight_decay, eps = (str(OPTIMIZER[k]) for k in ("lr", "weight_decay", "eps"))
     beta1, beta2 = (str(beta) for beta in OPTIMIZER["betas"])
     argv = [
@@ -362,7 +370,8 @@ def run_open_clip(args: argparse.Namespace, urls: str, scratch: Path, run: int) 
         *("--logs", "none", "--name", f"open_clip-{run}-{time.time_ns()}"),
     ]
     bench_dir = str(Path(__file__).resolve().parent)
-    command = [args.open_clip_python, "-c", OPEN_CLIP_DRIVER, bench_dir, str(config_path), str(args.threads)]
+    registered = str(config_path) if config is not None else ""
+    command = [args.open_clip_python, "-c", OPEN_CLIP_DRIVER, bench_dir, registered, str(args.threads)]
     command += [str(args.warmup), str(args.steps), *argv]
     done = subprocess.run(command, capture_output=True, text=True, env=child_env(args.threads), cwd=scratch)
     output = done.stdout + done.stderr
