@@ -252,6 +252,24 @@ def test_constructor_flag_enables_checkpointing() -> None:
     assert model.gradient_checkpointing and model.decoder.gradient_checkpointing
 
 
+def test_channels_last_gives_the_same_outputs_in_either_input_layout() -> None:
+    torch.manual_seed(0)
+    model = AutoencoderKL.from_config(with_ddconfig(TINY, attn_resolutions=[16])).eval()
+    images, latents = torch.randn(2, 3, 32, 32), torch.randn(2, 4, 4, 4)
+    with torch.no_grad():
+        expected_mean, expected_images = model.encode(images).mean, model.decode(latents)
+        assert model.to_channels_last() is model and model.channels_last
+        assert model.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            torch.testing.assert_close(model.encode(images.contiguous(memory_format=layout)).mean, expected_mean)
+            decoded = model.decode(latents.contiguous(memory_format=layout))
+            torch.testing.assert_close(decoded, expected_images, atol=1e-5, rtol=1e-5)
+        # State dicts keep the released layout's shapes; a channels_last model loads into an NCHW one exactly.
+        plain = AutoencoderKL.from_config(with_ddconfig(TINY, attn_resolutions=[16])).eval()
+        plain.load_state_dict(model.state_dict(), strict=True)
+        torch.testing.assert_close(plain.encode(images).mean, expected_mean)
+
+
 def test_state_dict_round_trip_strict() -> None:
     torch.manual_seed(0)
     source = AutoencoderKL.from_config(TINY).eval()

@@ -25,8 +25,9 @@ and not threads spinning while their partner waits for a core) and in wall time 
 when the models differ (parameter count or outputs), never for timing.
 
 Layout matters on CPU: diffusers' mid-block attention returns its output as a channels_last (NHWC) view and adds the
-residual to it, so everything after it (its whole decoder) runs in NHWC, which oneDNN convolutions and nearest
-upsampling do faster on CPU; ours stays NCHW unless ``--channels-last`` puts both in NHWC (see docs/benchmarks.md).
+residual to it, so its whole upsampling path runs in NHWC, which oneDNN convolutions and nearest upsampling do faster on
+CPU; our ``Decoder`` converts the mid block's output to NHWC on purpose. ``--channels-last`` puts both models' weights
+and inputs in NHWC (see docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -77,6 +77,7 @@ class AutoencoderTask(pl.LightningModule):
         grad_clip: float | None = None,
         ema_decay: float | None = None,
         gradient_checkpointing: bool = False,
+        channels_last: bool = False,
         pretrained: str | None = None,
         scale_factor_samples: int = 512,
         log_images: int = 8,
@@ -91,6 +92,8 @@ class AutoencoderTask(pl.LightningModule):
             from trainer.checkpoints import load_vae_weights
 
             load_vae_weights(self.autoencoder, pretrained)
+        if channels_last:
+            self.autoencoder.to_channels_last()
         self.logvar = torch.nn.Parameter(torch.tensor(float(logvar_init)))
         self.discriminator = PatchDiscriminator(self.autoencoder.out_channels, disc_channels, disc_layers)
         self.lpips = None

@@ -128,7 +128,8 @@ class LatentDiffusionTask(pl.LightningModule):
         if gradient_checkpointing is not None:  # None keeps the UNet config's use_checkpoint
             self.unet.gradient_checkpointing = gradient_checkpointing
         if channels_last:
-            self.unet.to(memory_format=torch.channels_last)
+            self.unet.to_channels_last()
+            self.autoencoder.to_channels_last()
         self.ema_unet = (
             AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
             if ema_decay
