@@ -46,7 +46,7 @@ def test_batches_are_collated_and_normalized(shards: Path) -> None:
     assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
     assert batch["caption"][0].startswith("sample number ")
     assert batch["meta"][0]["index"] == int(batch["key"][0][len("train") :])
-    assert set(batch["data_stats"]) == {"rank", "worker", "epoch", "counts"}
+    assert set(batch["data_stats"]) == {"rank", "worker", "epoch", "counts", "position"}
 
 
 @pytest.mark.parametrize("shuffle", [True, False])

@@ -160,3 +160,86 @@ def read_vae_config(path: str | os.PathLike) -> dict | None:
     with safe_open(str(path), framework="pt") as f:
         stored = (f.metadata() or {}).get("config")
     return json.loads(stored) if stored else None
+
+
+# -- Lightning checkpoints: atomic writes, and finding the newest complete one to resume from -----------------------
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not every platform/filesystem lets a directory be opened
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed over ``path``:
+    a crash at any moment leaves either the previous file or the complete new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_directory(path.parent)
+    return path
+
+
+def _checkpoint_io_base():
+    from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    return TorchCheckpointIO
+
+
+class AtomicCheckpointIO(_checkpoint_io_base()):
+    """Lightning's checkpoint IO with atomic local writes (see :func:`atomic_torch_save`); remote URLs
+    (``s3://`` ...) go through Lightning's own writer."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        if "://" in str(path) and not str(path).startswith("file://"):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
+
+
+def checkpoint_is_complete(path: str | os.PathLike) -> tuple[bool, str]:
+    """Whether ``path`` reads back as a Lightning training checkpoint; (False, why) when it does not.
+    Reading is memory-mapped, so this costs little even for a checkpoint of many GB: a truncated file
+    fails here (its zip directory sits at the end), as does anything that is not a checkpoint."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:  # noqa: BLE001 - any reason it cannot be read makes it unusable
+        return False, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
+        return False, "not a Lightning training checkpoint (no state_dict or global_step)"
+    return True, ""
+
+
+def find_resume_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest complete ``*.ckpt`` in ``directory`` (by modification time), or None if it holds none.
+    Corrupt or truncated files are skipped with a warning naming them, falling back to older ones."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    candidates = [p for p in directory.glob("*.ckpt") if p.is_file() and not p.name.startswith(".")]
+    for path in sorted(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True):
+        ok, why = checkpoint_is_complete(path)
+        if ok:
+            return path
+        log.warning("skipping checkpoint %s: it cannot be read (%s); trying an older one", path, why)
+    if candidates:
+        log.warning("no readable checkpoint in %s: starting from scratch", directory)
+    return None

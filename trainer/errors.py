@@ -17,3 +17,7 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class MissingDependencyError(UserError, ImportError):
     """An optional package needed for what was asked is not installed."""
+
+
+class NonFiniteTrainingError(UserError, FloatingPointError):
+    """Training produced non-finite losses or gradients for too many steps in a row."""

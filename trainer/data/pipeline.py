@@ -152,6 +152,9 @@ class ShardDataset(IterableDataset):
         self.shuffle, self.shuffle_buffer, self.seed, self.drop_last = shuffle, shuffle_buffer, seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        # Set by ShardLoader when a run resumes mid-epoch: {logical worker: (raw samples read, batches made)}.
+        self.resume: dict[int, tuple[int, int]] | None = None
+        self.rotation = 0
         workers = max(1, num_workers)
         if mode == "exact":
             if len({s.weight for s in self.sources}) > 1:
@@ -315,9 +318,17 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch = self.epoch
-        rng = _seeded(self.seed, epoch, self.rank, worker)
+        physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # On a resume the loader rotates the workers so that the DataLoader's round robin (physical worker 0 first)
+        # hands out the batches in the order of the interrupted run; every stream below is named by the logical id.
+        worker = (physical + self.rotation) % num_workers
+        start = (self.resume or {}).get(worker, (0, 0))
+        return self._batches(worker, num_workers, self.epoch, *start)
+
+    def _batches(self, worker: int, num_workers: int, epoch: int, skip: int, produced: int) -> Iterator[dict]:
+        """The batches of one logical worker in one epoch, after its first ``skip`` raw samples (the shuffled
+        stream's order) and ``produced`` batches: a resumed worker replays its stream up to there without decoding."""
+        rng = _seeded(self.seed, epoch, self.rank, worker)  # shard draws and the shuffle buffer
         faults = FaultCounter(where=f" [{self.name} rank {self.rank} worker {worker}]")
         if self.mode == "exact":
             samples = self.read_samples(iter(self.shards_for(worker, num_workers, epoch)), faults)
@@ -329,35 +340,59 @@ class ShardDataset(IterableDataset):
         if self.shuffle and self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(samples)
 
-        produced, batch = 0, []
+        position, batch = 0, []
         for sample in samples:
             if max_batches is not None and produced >= max_batches:
                 break
-            item = self.decode_sample(sample, rng, faults)
+            position += 1
+            if position <= skip:
+                continue
+            # Augmentations draw from a generator of their own per sample, so a replay need not run them.
+            item = self.decode_sample(sample, _seeded(self.seed, epoch, self.rank, worker, position), faults)
             if item is None:
                 continue
             batch.append(item)
             if len(batch) == self.batch_size:
-                yield self._collate(batch, self._stats(worker, faults))
-                produced, batch = produced + 1, []
+                produced += 1
+                yield self._collate(batch, self._stats(worker, faults, epoch, position, produced))
+                batch = []
         if batch and not self.drop_last and (max_batches is None or produced < max_batches):
-            yield self._collate(batch, self._stats(worker, faults))
+            produced += 1
+            yield self._collate(batch, self._stats(worker, faults, epoch, position, produced))
 
-    def _stats(self, worker: int, faults: FaultCounter) -> dict:
-        return {"rank": self.rank, "worker": worker, "epoch": self.epoch, "counts": dict(faults.counts)}
+    def _stats(self, worker: int, faults: FaultCounter, epoch: int, position: int, produced: int) -> dict:
+        return {
+            "rank": self.rank,
+            "worker": worker,
+            "epoch": epoch,
+            "counts": dict(faults.counts),
+            # where this worker's stream stands once this batch is consumed: raw samples read, batches made
+            "position": (position, produced),
+        }
 
 
 class ShardLoader(DataLoader):
-    """A DataLoader over a :class:`ShardDataset` that advances the dataset's epoch on every ``iter()``.
+    """A DataLoader over a :class:`ShardDataset` that advances the dataset's epoch on every ``iter()``
+    and can resume in the middle of an epoch exactly where an interrupted run stopped.
 
     Each new iteration (one per training epoch) starts fresh workers with the next epoch number, so
     the shard order and shuffles change per epoch while staying reproducible from the seed.
 
-    With ``even_ranks`` (for training in exact mode under torch.distributed), every rank stops as
-    soon as any rank runs out of batches: shards seldom hold the same number of samples, and a rank
-    that stopped early would leave the others waiting in their next gradient all-reduce forever.
-    The ranks agree through one small all-reduce per batch on a CPU (gloo) group; the unread tail of
-    the longer ranks is left for the next epoch's differently shuffled pass.
+    With ``even_ranks`` (for training under torch.distributed), every rank stops as soon as any rank
+    runs out of batches: shards seldom hold the same number of samples, and a rank that stopped early
+    would leave the others waiting in their next gradient all-reduce forever. The ranks agree through
+    one small all-gather per batch on a CPU (gloo) group, which also tells every rank where the other
+    ranks' streams stand; the unread tail of the longer ranks is left for the next epoch's differently
+    shuffled pass.
+
+    Exact resume (the ``state_dict`` / ``load_state_dict`` protocol, which Lightning calls when it
+    writes and restores a checkpoint): the training side reports every batch it takes
+    (:meth:`mark_consumed`, called by :class:`trainer.callbacks.resume.ExactResume`), so the state
+    names consumed batches, not the ones Lightning and the workers have prefetched. It is the epoch,
+    the number of batches consumed in it and, per rank and worker, the raw samples read and batches
+    made. A resumed worker replays its shard stream and shuffle buffer up to there without decoding
+    (tar reading only), and the workers are rotated so that batches come in the interrupted run's
+    order. The same number of ranks and workers is required; otherwise the run restarts its epoch.
     """
 
     def __init__(
@@ -375,17 +410,72 @@ class ShardLoader(DataLoader):
             pin_memory=pin_memory,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
             persistent_workers=False,
+            # Its own generator for the workers' base seed: iter() must not draw from the global RNG, whose
+            # state a resumed run restores and an uninterrupted one does not touch at that point.
+            generator=torch.Generator().manual_seed(dataset.seed),
         )
         self.next_epoch = 0
         self.even_ranks = even_ranks
+        self.consumed = 0  # batches of the current epoch that training has taken
+        self.positions: dict[int, dict[int, tuple[int, int]]] = {}  # rank -> logical worker -> (raw, batches)
+        self._resume: dict[str, Any] | None = None
 
     def __iter__(self):
-        self.dataset.set_epoch(self.next_epoch)
-        self.next_epoch += 1
-        batches = super().__iter__()
-        if self.even_ranks and self.dataset.mode == "exact" and _distributed_world_size() > 1:
-            return _until_any_rank_stops(batches)
+        dataset: ShardDataset = self.dataset
+        workers = max(1, self.num_workers)
+        state, self._resume = self._resume, None
+        if state is not None:
+            epoch, self.consumed = state["epoch"], state["consumed"]
+            self.positions = {int(r): {int(w): tuple(p) for w, p in ws.items()} for r, ws in state["positions"].items()}
+            dataset.resume, dataset.rotation = self.positions.get(dataset.rank, {}), self.consumed % workers
+            log.info("data: resuming epoch %d after %d batches", epoch, self.consumed)
+        else:
+            epoch, self.consumed, self.positions = self.next_epoch, 0, {}
+            dataset.resume, dataset.rotation = None, 0
+        dataset.set_epoch(epoch)
+        self.next_epoch = epoch + 1
+        batches = super().__iter__()  # workers get their copy of the dataset (and its resume point) here
+        dataset.resume, dataset.rotation = None, 0
+        if self.even_ranks and _distributed_world_size() > 1:
+            return _lockstep(batches, stop_together=dataset.mode == "exact")
         return batches
+
+    def mark_consumed(self, batch: Any) -> None:
+        """Training took ``batch``: record where the streams stand after it."""
+        stats = batch.get("data_stats") if isinstance(batch, dict) else None
+        if stats is None:
+            return
+        self.consumed += 1
+        for rank, worker, raw, produced in stats.get("ranks") or [(stats["rank"], stats["worker"], *stats["position"])]:
+            self.positions.setdefault(int(rank), {})[int(worker)] = (int(raw), int(produced))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.next_epoch - 1,
+            "consumed": self.consumed,
+            "positions": {r: dict(ws) for r, ws in self.positions.items()},
+            "num_workers": max(1, self.num_workers),
+            "world_size": self.dataset.world_size,
+            "mode": self.dataset.mode,
+            "seed": self.dataset.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        here = {"num_workers": max(1, self.num_workers), "world_size": self.dataset.world_size}
+        here.update(mode=self.dataset.mode, seed=self.dataset.seed)
+        differs = {key: (state.get(key), value) for key, value in here.items() if state.get(key) != value}
+        if state["epoch"] < 0:
+            return
+        if differs:
+            changes = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in differs.items())
+            log.warning(
+                "data: the checkpoint's data position cannot be restored exactly (%s); epoch %d starts over",
+                changes,
+                state["epoch"],
+            )
+            self.next_epoch = state["epoch"]
+            return
+        self._resume = state
 
 
 def _distributed_world_size() -> int:
@@ -397,21 +487,33 @@ def _distributed_world_size() -> int:
 _GLOO_GROUP = None
 
 
-def _until_any_rank_stops(batches: Iterator[dict]) -> Iterator[dict]:
+def _lockstep(batches: Iterator[dict], stop_together: bool) -> Iterator[dict]:
+    """Batches of this rank, each carrying every rank's stream position for the same batch index under
+    ``data_stats["ranks"]``; with ``stop_together``, the epoch ends on all ranks when any rank runs out."""
     import torch.distributed as dist
 
     global _GLOO_GROUP
     if _GLOO_GROUP is None:  # a collective: every rank reaches its first iter() at the same point
         # a group of its own, so these calls never interleave with the gradient all-reduces
         _GLOO_GROUP = dist.new_group(backend="gloo")
+    world = dist.get_world_size()
     while True:
         batch = next(batches, None)
-        have = torch.tensor([0 if batch is None else 1], dtype=torch.int32)
-        dist.all_reduce(have, op=dist.ReduceOp.MIN, group=_GLOO_GROUP)
-        if not have.item():
+        if batch is None:
+            mine = torch.tensor([0, -1, -1, -1, -1], dtype=torch.int64)
+        else:
+            stats = batch["data_stats"]
+            mine = torch.tensor([1, stats["rank"], stats["worker"], *stats["position"]], dtype=torch.int64)
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine, group=_GLOO_GROUP)
+        have = [bool(row[0]) for row in gathered]
+        if batch is None or (stop_together and not all(have)):
             if batch is not None:
                 log.info("epoch ends on all ranks: another rank has run out of batches")
-            return
+            if stop_together or not any(have):
+                return
+            continue  # resampled mode: ranks make equal batch counts, so this is only the last round
+        batch["data_stats"]["ranks"] = [row[1:].tolist() for row in gathered if row[0]]
         yield batch
 
 
