@@ -8,6 +8,7 @@ import csv
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -133,3 +134,45 @@ def test_sigusr1_checkpoints_requeues_and_the_job_resumes(slurm: dict[str, str],
     assert "restart 1" in out and "requeued SLURM job" in out
     assert f"resuming from {preempt[0]}" in out  # the second run picked the preemption checkpoint
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == steps
+
+
+def test_a_sweep_is_submitted_through_the_submitit_launcher(slurm: dict[str, str], tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    write_shards(shards, "train", 48, 4)
+    write_shards(shards, "val", 8, 4, seed=1)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.train",
+            "-m",
+            "launcher=slurm",
+            "experiment=shapes_clip",
+            "debug=fast",
+            "trainer.accelerator=cpu",
+            "data.prepare=null",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            f"data.train.urls={shards}/train.manifest.json",
+            f"data.val.urls={shards}/val.manifest.json",
+            "task.export=false",
+            "hydra.launcher.gpus_per_node=0",
+            "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.mem_gb=1",
+            "task.optimizer.lr=1e-4,3e-4",
+        ],
+        cwd=tmp_path,
+        env=slurm,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "multirun" / "shapes_clip").iterdir()
+    rates = set()
+    for job in ("0", "1"):
+        assert torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+        rates |= set(re.findall(r"\blr: (\S+)", (sweep / job / "config.yaml").read_text()))
+    assert {"0.0001", "0.0003"} <= rates
+    assert len(list((sweep / ".submitit").iterdir())) >= 2  # submitted as SLURM jobs, not run here
