@@ -123,3 +123,30 @@ def test_cfg_job_prints_the_resolved_config(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     printed = OmegaConf.create(result.stdout)
     assert printed.trainer.max_steps == 123 and printed.name == "shapes_clip"
+
+
+def test_strategy_configs_build_lightning_strategies(tmp_path: Path) -> None:
+    from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from trainer.models.unet import ResBlock, SpatialTransformer
+
+    ddp = instantiate(compose_config(tmp_path, ["trainer=ddp"]).trainer.strategy)
+    assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs["gradient_as_bucket_view"] is True
+    cfg = compose_config(
+        tmp_path, ["experiment=laion_ldm_sd15", "trainer=fsdp", *[f"{k}={v}" for k, v in REQUIRED.items()]]
+    )
+    fsdp = instantiate(cfg.trainer.strategy)  # built, not launched: FSDP needs GPUs
+    assert isinstance(fsdp, FSDPStrategy)
+    policy = fsdp.kwargs["auto_wrap_policy"]
+    policy = policy if isinstance(policy, ModuleWrapPolicy) else ModuleWrapPolicy(policy)
+    assert {ResBlock, SpatialTransformer} <= set(policy._module_classes)
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+
+
+def test_a_wrong_class_path_in_the_fsdp_config_fails_clearly() -> None:
+    from trainer.errors import ConfigError
+    from trainer.strategies import fsdp
+
+    with pytest.raises(ConfigError, match="trainer.models.unet.NoSuchBlock"):
+        fsdp(wrap=["trainer.models.unet.NoSuchBlock"])
