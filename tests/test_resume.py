@@ -245,3 +245,25 @@ def test_sigusr1_saves_stops_and_the_next_run_continues_from_there(tmp_path: Pat
     assert "resuming from" in second.stdout + second.stderr
     assert "preempt-step00000005.ckpt" in second.stdout + second.stderr
     assert_bitwise_equal(final_state(tmp_path / "straight"), final_state(preempted))
+
+
+@pytest.mark.slow
+def test_wandb_offline_writes_a_run_and_a_resumed_run_logs_into_the_same_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    shards = tmp_path / "shards"
+    write_shards(shards, "train", 60, 5)
+    write_shards(shards, "val", 8, 4, seed=1)
+    run = tmp_path / "run"
+    common = ["logger=[csv,wandb]", "data.num_workers=0", "task.export=false"]
+    kill = ["+callbacks.kill._target_=faults.KillAtStep", "+callbacks.kill.step=4"]
+    run_cli(run, shards, "shapes_clip", *common, *kill, expect_kill=True)
+    run_cli(run, shards, "shapes_clip", *common)
+    run_id = (run / "wandb_id").read_text().strip()
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)  # one wandb run, resumed
+    logged = (runs[-1] / f"run-{run_id}.wandb").read_bytes()
+    for metric in (b"train/loss", b"perf/samples_per_sec", b"perf/data_wait_fraction", b"train/skipped_steps"):
+        assert metric in logged, metric
