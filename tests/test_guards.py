@@ -103,3 +103,26 @@ def test_batch_size_of_our_batches() -> None:
     assert batch_size_of({"image": torch.zeros(5, 3, 8, 8), "caption": ["a"] * 5}) == 5
     assert batch_size_of({"latents": torch.zeros(3, 4, 2, 2)}) == 3
     assert batch_size_of([torch.zeros(7, 2), torch.zeros(7)]) == 7
+
+
+def test_the_progress_bar_counts_steps_to_max_steps_across_epochs(tmp_path: Path) -> None:
+    from trainer.callbacks.progress import StepProgressBar
+
+    bar = StepProgressBar(refresh_rate=1)
+    trainer = pl.Trainer(
+        max_steps=12,  # 8 batches an epoch: the run spans two epochs
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[bar],
+    )
+    totals = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            totals.append((bar.train_progress_bar.total, bar.train_progress_bar.n))
+
+    trainer.callbacks.append(Watch())
+    trainer.fit(Regression(bad_steps=set()), train_dataloaders=data())
+    assert totals[0] == (12, 1) and totals[-1] == (12, 12)
+    assert [n for _, n in totals] == list(range(1, 13))  # no restart at the second epoch

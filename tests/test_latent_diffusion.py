@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import pytorch_lightning as pl
@@ -15,6 +17,8 @@ from safetensors import safe_open
 
 from conftest import REPO, write_shards
 from trainer.checkpoints import export_vae
+from trainer.data import shapes
+from trainer.data.shards import ShardWriter
 from trainer.datamodule import ShardDataModule
 from trainer.errors import ConfigError
 from trainer.models.autoencoder import AutoencoderKL
@@ -239,3 +243,72 @@ def test_cached_latents_train_and_a_stale_cache_is_refused(stages: Path, tmp_pat
     stale = LatentDiffusionTask(UNET, {"checkpoint": str(other)}, {"source": str(stages / "clip")}, ema_decay=None)
     with pytest.raises(ConfigError, match="stale cache"):
         stale.latents_and_context(batch, drop_captions=False)
+
+
+@pytest.mark.slow
+def test_a_tiny_ldm_overfits_a_few_shapes_images(tmp_path: Path) -> None:
+    """Four shapes images with distinct captions: after training on just them, the loss has fallen
+    far below where it started, and sampling each caption gives back (nearly) its own image."""
+    torch.manual_seed(0)
+    clip, _ = build_clip("ldm-test-clip", CLIP)
+    export_clip(clip, "ldm-test-clip", CLIP, tmp_path / "clip")
+    autoencoder = AutoencoderKL.from_config(AE).eval()
+    with torch.no_grad():  # a trained autoencoder's posterior is narrow; a random one's is not (log-variance ~0),
+        autoencoder.quant_conv.bias[AE["embed_dim"] :] = -20.0  # and its samples would bury the images in noise
+    images, captions = [], []
+    with ShardWriter(tmp_path / "shards", "train", 100, image_format="png") as writer:
+        for index in range(4):
+            attributes = shapes.sample_attributes(random.Random(index))
+            caption = shapes.make_caption(attributes, 0)
+            image = shapes.render(attributes, 32)
+            writer.write(f"{index:02d}", image, caption, attributes)
+            captions.append(caption)
+            images.append(torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 127.5 - 1)
+    assert len(set(captions)) == 4
+    with torch.no_grad():  # latents of unit variance, as the real pipeline gets from its scale factor
+        scale = 1.0 / autoencoder.encode(torch.stack(images)).mode().std().item()
+    export_vae(autoencoder, tmp_path / "vae.safetensors", scale_factor=scale, config=AE)
+    task = make_task(
+        tmp_path,
+        ema_decay=None,
+        caption_dropout=0.0,
+        optimizer={"lr": 1e-3, "weight_decay": 0.0},
+        scheduler={"warmup_steps": 20},
+    )
+    data = ShardDataModule(
+        train={"urls": str(tmp_path / "shards" / "train.manifest.json")},
+        batch_size=4,
+        num_workers=0,
+        image_size=32,
+        normalize="symmetric",
+        shuffle_buffer=1,
+    )
+    losses = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = pl.Trainer(
+        max_steps=1000,  # about a minute on 2 cores
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        callbacks=[Record()],
+    )
+    trainer.fit(task, datamodule=data)
+    start, end = np.mean(losses[:20]), np.mean(losses[-50:])
+    assert end < 0.1 * start, (start, end)  # measured: 0.91 -> 0.029
+
+    pipe = task.pipeline(use_ema=False)
+    with torch.no_grad():
+        targets = pipe.decode_latents(pipe.encode_images(torch.stack(images)))
+        samples = pipe.generate(
+            captions, steps=30, guidance=1.0, sampler="ddim", seeds=[0, 1, 2, 3], height=32, width=32
+        )
+    distances = torch.cdist(samples.flatten(1), targets.flatten(1))  # (sample, target)
+    own = distances.diagonal()
+    others = (distances + torch.eye(4) * 1e9).min(dim=1).values
+    assert (own < 0.9 * others).all(), distances  # measured: own 13-19, others 22-24

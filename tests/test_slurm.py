@@ -4,7 +4,6 @@ requeued by the run itself, and resumes from its checkpoint."""
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_multinode import losses, overrides
 
 from conftest import write_shards
 
@@ -85,20 +85,31 @@ def output_of(workdir: Path, job: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def test_two_node_ddp_job_trains_across_both_nodes(slurm: dict[str, str], tmp_path: Path) -> None:
-    write_shards(tmp_path / "shards", "train", 48, 4)
-    write_shards(tmp_path / "shards", "val", 8, 4, seed=1)
-    job = submit(slurm, tmp_path, "multinode.sbatch", "trainer.max_steps=4")
+def test_two_node_ddp_job_matches_one_process_on_the_same_global_batch(slurm: dict[str, str], tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    write_shards(shards, "train", 48, 4)  # a shard is one per-rank batch: rank r reads shards r::2
+    write_shards(shards, "val", 8, 4, seed=1)
+    # as in test_multinode: no sample shuffle, each rank scores the whole global batch
+    job = submit(
+        slurm, tmp_path, "multinode.sbatch", "trainer.max_steps=3", "data.shuffle_buffer=1", "task.local_loss=false"
+    )
     wait_for(lambda: job_field(slurm, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 300, f"job {job}")
     out = output_of(tmp_path, job)
     assert job_field(slurm, job, "JobState") == "COMPLETED", out[-3000:]
     assert job_field(slurm, job, "NodeList") == "n[1-2]"
     assert "MEMBER: 1/2" in out and "MEMBER: 2/2" in out  # one rank on each node
     run = tmp_path / "outputs" / "shapes_clip" / f"slurm-{job}"
-    with open(next(run.rglob("metrics.csv"))) as f:
-        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
-    assert len(losses) == 4
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    single = subprocess.run(
+        [sys.executable, "-m", "trainer.train", *overrides(shards, tmp_path / "single", 8)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert losses(run) == pytest.approx(losses(tmp_path / "single"), rel=1e-3)
+    assert len(losses(run)) == 3
 
 
 def test_sigusr1_checkpoints_requeues_and_the_job_resumes(slurm: dict[str, str], tmp_path: Path) -> None:
