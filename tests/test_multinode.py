@@ -36,6 +36,19 @@ def overrides(shards: Path, run_dir: Path, batch_size: int) -> list[str]:
     ]
 
 
+def one_process(shards: Path, run_dir: Path) -> Path:
+    """The reference: one process, batch 8 = both ranks' batches of 4."""
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.train", *overrides(shards, run_dir, 8)],
+        cwd=run_dir.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
 def losses(run_dir: Path) -> list[float]:
     with open(next(run_dir.rglob("metrics.csv"))) as f:
         return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
@@ -45,14 +58,7 @@ def test_torchrun_two_nodes_matches_one_process_on_the_same_global_batch(tmp_pat
     shards = tmp_path / "shards"
     write_shards(shards, "train", 48, 4)  # a shard is one per-rank batch: rank r reads shards r::2
     write_shards(shards, "val", 8, 4, seed=1)
-    single = subprocess.run(
-        [sys.executable, "-m", "trainer.train", *overrides(shards, tmp_path / "single", 8)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
+    one_process(shards, tmp_path / "single")
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
