@@ -135,6 +135,25 @@ def test_the_frozen_stages_are_checked_against_the_unet(stages: Path) -> None:
     assert not any(p.requires_grad for p in task.autoencoder.parameters())
 
 
+def test_latents_are_posterior_samples_or_its_mode(stages: Path) -> None:
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    batch = {"image": images, "caption": ["a red circle", "a blue square"]}
+    sampled = make_task(stages)
+    first, _ = sampled.latents_and_context(batch, drop_captions=False)
+    second, _ = sampled.latents_and_context(batch, drop_captions=False)
+    assert not torch.equal(first, second)  # a fresh posterior sample each time (the random VAE's is wide)
+    mode = LatentDiffusionTask(
+        UNET, {"checkpoint": str(stages / "vae.safetensors"), "posterior": "mode"}, {"source": str(stages / "clip")}
+    )
+    latents, _ = mode.latents_and_context(batch, drop_captions=False)
+    expected = mode.autoencoder.encode(images).mode() * mode.scale_factor
+    torch.testing.assert_close(latents, expected)
+    with pytest.raises(ConfigError, match="posterior"):
+        LatentDiffusionTask(
+            UNET, {"checkpoint": str(stages / "vae.safetensors"), "posterior": "mean"}, {"source": str(stages / "clip")}
+        )
+
+
 def test_training_steps_validation_grid_ema_and_export(stages: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     task = make_task(stages)

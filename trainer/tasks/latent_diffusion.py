@@ -103,6 +103,9 @@ class LatentDiffusionTask(pl.LightningModule):
                 "(0.18215 for the SD VAE)"
             )
         self.scale_factor = float(scale)
+        self.posterior = autoencoder.get("posterior", "sample")
+        if self.posterior not in ("sample", "mode"):
+            raise ConfigError(f"task.autoencoder.posterior must be 'sample' or 'mode', got {self.posterior!r}")
         self.autoencoder.requires_grad_(False).eval()
         self.text_encoder = TextEncoder.from_source(
             text_encoder.get("source"),
@@ -206,7 +209,8 @@ class LatentDiffusionTask(pl.LightningModule):
             self._check_cache(batch["meta"][0])
             latents = batch["latents"].float()
         else:
-            latents = self.autoencoder.encode(batch["image"]).sample() * self.scale_factor
+            posterior = self.autoencoder.encode(batch["image"])
+            latents = (posterior.sample() if self.posterior == "sample" else posterior.mode()) * self.scale_factor
         if "context" in batch and not drop_captions:
             return latents, batch["context"].float()
         captions = list(batch["caption"])
