@@ -199,13 +199,17 @@ def test_sampling_cli_end_to_end(stages: Path, tmp_path: Path) -> None:
     trainer = fit(make_task(stages), stages, tmp_path / "run", steps=2)
     checkpoint = trainer.checkpoint_callback.best_model_path or next((tmp_path / "run").rglob("*.ckpt"))
     out = tmp_path / "samples"
-    command = [sys.executable, str(REPO / "tools" / "sample.py"), str(checkpoint), "--prompt", "a red circle"]
+    prompt = "a small red circle in the top left"
+    command = [sys.executable, str(REPO / "tools" / "sample.py"), str(checkpoint), "--prompt", prompt]
     command += ["--prompt", "a blue square", "--negative-prompt", "green", "--batch", "2", "--steps", "3"]
     command += ["--guidance", "3", "--sampler", "euler_ancestral", "--trajectory", "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
-    assert [line["prompt"] for line in lines] == ["a red circle"] * 2 + ["a blue square"] * 2
+    assert [line["prompt"] for line in lines] == [prompt] * 2 + ["a blue square"] * 2
+    # a prompt naming a shapes figure's attributes carries them, for trainer.eval.shapes
+    assert lines[0]["attributes"] == {"size": "small", "color": "red", "shape": "circle", "position": "top left"}
+    assert "attributes" not in lines[2]
     assert [line["seed"] for line in lines] == [0, 1, 2, 3]
     assert all((out / line["file"]).is_file() for line in lines)
     assert (out / "grid.png").is_file() and (out / "0000_trajectory.png").is_file()

@@ -249,3 +249,13 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     params = json.loads((out / "shapes.json").read_text())
     assert params["image_format"] == "png" and params["size"] == 24
     assert any(name.endswith(".png") for name in read_members(out, "val"))
+
+
+def test_parse_caption_reads_back_every_template() -> None:
+    for index in range(300):
+        attributes = shapes.sample_attributes(random.Random(index))
+        for template in range(len(shapes.CAPTION_TEMPLATES)):
+            parsed = shapes.parse_caption(shapes.make_caption(attributes, template))
+            assert parsed == {key: attributes[key] for key in ("size", "color", "shape", "position")}
+    assert shapes.parse_caption("a red circle") is None  # no size, no position
+    assert shapes.parse_caption("a large red or blue circle in the center") is None  # two colors

@@ -6,7 +6,9 @@
     python tools/sample.py CKPT --prompt "a green star" --init-image photo.png --strength 0.6 --out img2img/
     python tools/sample.py CKPT --prompt "a blue circle" --trajectory --out traj/   # also the image emerging from noise
 
-Writes NNNN.png per image, grid.png, prompts.jsonl (file, prompt, negative prompt, seed), and with
+Writes NNNN.png per image, grid.png, prompts.jsonl (file, prompt, negative prompt, seed, and for prompts
+that name a shapes figure's size, color, shape and position, those attributes, which
+``python -m trainer.eval.shapes OUT`` scores the images against), and with
 --trajectory a strip per image of the decoded latents at every step.
 """
 
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from torchvision.utils import make_grid
 
+    from trainer.data.shapes import parse_caption
     from trainer.generate import load_checkpoint_pipeline
 
     pipeline = load_checkpoint_pipeline(args.checkpoint, use_ema=not args.no_ema, device=args.device)
@@ -106,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
             name = f"{i:04d}.png"
             to_pil(image).save(out / name)
             record_line = {"file": name, "prompt": prompt, "negative_prompt": args.negative_prompt, "seed": seed}
+            attributes = parse_caption(prompt)  # shapes prompts: what trainer.eval.shapes scores the image against
+            if attributes is not None:
+                record_line["attributes"] = attributes
             index.write(json.dumps(record_line) + "\n")
     grid = make_grid((images.float().cpu() + 1) / 2, nrow=min(len(images), 8))
     Image.fromarray((grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(out / "grid.png")

@@ -196,6 +196,25 @@ def make_caption(attributes: dict[str, Any], rng_or_template_id: random.Random |
     return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", r"\1n ", caption)  # "a orange" -> "an orange"
 
 
+def parse_caption(caption: str) -> dict[str, str] | None:
+    """The size, color, shape and position a caption asks for (any template's wording, or a free prompt
+    that names all four with the dataset's words), or None when it does not name all four. A background
+    ("on a grey background", "on grey") is not taken for the figure's color."""
+    text = caption.lower()
+    backgrounds = "|".join(re.escape(name) for name in BACKGROUNDS)
+    text = re.sub(rf"\b(?:on (?:an? )?)?(?:{backgrounds}) background\b|\bon (?:{backgrounds})\b", " ", text)
+    words = set(re.findall(r"[a-z]+", text))
+
+    def one_of(names) -> str | None:
+        found = [name for name in names if name in words]
+        return found[0] if len(found) == 1 else None
+
+    positions = [name for _, _, name in POSITIONS if re.search(rf"\b{name}\b", text)]
+    position = max(positions, key=len) if positions else None  # "top center" also contains "center"
+    found = {"size": one_of(SIZES), "color": one_of(COLORS), "shape": one_of(SHAPES), "position": position}
+    return found if all(found.values()) else None
+
+
 def zero_shot_classes() -> dict[str, dict[str, Any]]:
     """Class names and prompt templates for CLIP zero-shot classification of each attribute.
 

@@ -116,3 +116,36 @@ def export_clip_checkpoint(checkpoint_path: str | Path, out_dir: str | Path) -> 
     state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state, strict=True)
     return export_clip(model, spec["name"], spec.get("config"), out_dir)
+
+
+def load_clip(source: str | Path | None, name: str | None = None, config: Mapping[str, Any] | None = None):
+    """(open_clip model, tokenizer) from our CLIP stage's output or an open_clip file.
+
+    ``source`` may be an export folder (``<run>/export/clip``, holding ``open_clip_config.json``),
+    one of our CLIP checkpoints (``.ckpt``; its model spec comes with it), or an open_clip weights
+    file (``.safetensors``/``.pt``/``.bin``) for the model ``name`` (or ``config``). With no
+    ``source``, ``name``/``config`` give a randomly initialised model (for tests).
+    """
+    if source is None:
+        if name is None:
+            raise ConfigError("a CLIP needs a source (a CLIP export or checkpoint) or a model name")
+        return build_clip(name, config)
+    path = Path(source)
+    if not path.exists():
+        raise MissingFileError(f"CLIP source {path} does not exist (give a CLIP export folder or checkpoint)")
+    if path.is_dir():
+        if not (path / "open_clip_config.json").is_file():
+            raise ConfigError(f"{path} is not an open_clip export folder: no open_clip_config.json")
+        return open_clip.create_model(f"local-dir:{path}"), open_clip.get_tokenizer(f"local-dir:{path}")
+    siglip = False
+    if path.suffix == ".ckpt":
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+        if hparams.get("model", {}).get("name"):
+            name, config = hparams["model"]["name"], hparams["model"].get("config")
+            siglip = hparams.get("loss") == "siglip"
+    if name is None:
+        raise ConfigError(f"{path}: give the open_clip model name the weights belong to (e.g. text_encoder.name)")
+    clip, tokenizer = build_clip(name, config, siglip=siglip)
+    load_clip_weights(clip, path)
+    return clip, tokenizer

@@ -10,15 +10,13 @@ before it (as SD 2.x does); ``final_norm`` applies the tower's final LayerNorm t
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Any
 
-import open_clip
 import torch
 from torch import nn
 
-from trainer.errors import ConfigError, MissingFileError
-from trainer.models.clip import build_clip, load_clip_weights
+from trainer.errors import ConfigError
+from trainer.models.clip import load_clip
 
 LAYERS = ("last", "penultimate")
 
@@ -93,29 +91,5 @@ class TextEncoder(nn.Module):
         weights file (``.safetensors``/``.pt``/``.bin``) for the model ``name`` (or ``config``).
         With no ``source``, ``name``/``config`` give a randomly initialised tower (for tests).
         """
-        if source is None:
-            if name is None:
-                raise ConfigError("the text encoder needs a source (a CLIP export or checkpoint) or a model name")
-            clip, tokenizer = build_clip(name, config)
-            return cls(clip, tokenizer, layer, final_norm)
-        path = Path(source)
-        if not path.exists():
-            raise MissingFileError(f"text encoder source {path} does not exist (a CLIP export folder or checkpoint)")
-        if path.is_dir():
-            if not (path / "open_clip_config.json").is_file():
-                raise ConfigError(f"{path} is not an open_clip export folder: no open_clip_config.json")
-            clip = open_clip.create_model(f"local-dir:{path}")
-            tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
-            return cls(clip, tokenizer, layer, final_norm)
-        siglip = False
-        if path.suffix == ".ckpt":
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-            if hparams.get("model", {}).get("name"):
-                name, config = hparams["model"]["name"], hparams["model"].get("config")
-                siglip = hparams.get("loss") == "siglip"
-        if name is None:
-            raise ConfigError(f"{path}: give the open_clip model name (text_encoder.name) the weights belong to")
-        clip, tokenizer = build_clip(name, config, siglip=siglip)
-        load_clip_weights(clip, path)
+        clip, tokenizer = load_clip(source, name, config)
         return cls(clip, tokenizer, layer, final_norm)
