@@ -33,7 +33,7 @@ from trainer.data.shapes import ensure_shapes, make_caption, sample_attributes
 
 # Steps per stage: the full demo aims at <= 15 minutes on 2 CPU cores, --fast at <= 3.
 SCHEDULES = {
-    "full": {"clip": 600, "autoencoder": 1500, "ldm": 2000, "train": 20000, "val": 1000, "prompts": 64, "steps": 20},
+    "full": {"clip": 600, "autoencoder": 600, "ldm": 2000, "train": 20000, "val": 1000, "prompts": 64, "steps": 20},
     "fast": {"clip": 40, "autoencoder": 40, "ldm": 60, "train": 1000, "val": 200, "prompts": 8, "steps": 8},
 }
 FIELDS = ("color", "shape", "position", "size")
