@@ -60,7 +60,7 @@ def test_a_resumed_loader_continues_the_interrupted_stream_exactly(
     state = first.state_dict()
     torch.save(state, tmp_path / "state.pt")  # the state survives a checkpoint file
     second = loader(tmp_path, num_workers, mode)
-    second.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
+    second.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     epochs_left = 2 - state["epoch"]
     tail = take(second, epochs=epochs_left)
     resumed = head + tail
@@ -103,7 +103,7 @@ def test_atomic_save_leaves_no_partial_file_when_writing_fails(tmp_path: Path) -
 
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_torch_save({**checkpoint(2), "bad": Unpicklable()}, path)
-    assert torch.load(path, weights_only=False)["global_step"] == 1  # the old file, whole
+    assert torch.load(path, weights_only=True)["global_step"] == 1  # the old file, whole
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
 
 
@@ -166,7 +166,7 @@ def run_cli(
 
 
 def final_state(run_dir: Path) -> dict:
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 8
     return checkpoint
 

@@ -99,7 +99,7 @@ def test_two_node_ddp_job_matches_one_process_on_the_same_global_batch(slurm: di
     assert job_field(slurm, job, "NodeList") == "n[1-2]"
     assert "MEMBER: 1/2" in out and "MEMBER: 2/2" in out  # one rank on each node
     run = tmp_path / "outputs" / "shapes_clip" / f"slurm-{job}"
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     assert losses(run) == pytest.approx(losses(one_process(shards, tmp_path / "single")), rel=1e-3)
     assert len(losses(run)) == 3
 
@@ -132,11 +132,11 @@ def test_sigusr1_checkpoints_requeues_and_the_job_resumes(slurm: dict[str, str],
     assert job_field(slurm, job, "JobState") == "COMPLETED", out[-3000:]
     preempt = sorted(checkpoints.glob("preempt-step*.ckpt"))
     assert len(preempt) == 1, out[-3000:]
-    saved_at = torch.load(preempt[0], weights_only=False)["global_step"]
+    saved_at = torch.load(preempt[0], weights_only=True)["global_step"]
     assert 20 <= saved_at < steps
     assert "restart 1" in out and "requeued SLURM job" in out
     assert f"resuming from {preempt[0]}" in out  # the second run picked the preemption checkpoint
-    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == steps
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == steps
 
 
 def test_a_sweep_is_submitted_through_the_submitit_launcher(slurm: dict[str, str], tmp_path: Path) -> None:
@@ -175,7 +175,7 @@ def test_a_sweep_is_submitted_through_the_submitit_launcher(slurm: dict[str, str
     (sweep,) = (tmp_path / "multirun" / "shapes_clip").iterdir()
     rates = set()
     for job in ("0", "1"):
-        assert torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+        assert torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
         rates |= set(re.findall(r"\blr: (\S+)", (sweep / job / "config.yaml").read_text()))
     assert {"0.0001", "0.0003"} <= rates
     assert len(list((sweep / ".submitit").iterdir())) >= 2  # submitted as SLURM jobs, not run here
