@@ -19,7 +19,7 @@ class StepProgressBar(TQDMProgressBar):
         if trainer.max_steps > 0 and self.train_progress_bar is not None:
             bar = self.train_progress_bar
             bar.total = trainer.max_steps
-            bar.initial = 0
+            bar.initial = trainer.global_step  # rate and ETA from the steps of this epoch (or since a resume)
             _update_n(bar, trainer.global_step)
             bar.set_description(f"step (epoch {trainer.current_epoch})")
 
