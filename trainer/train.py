@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from lightning_fabric.plugins import CheckpointIO, ClusterEnvironment
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.utilities import rank_zero_only
 
 from trainer.callbacks.preemption import Preemption
 from trainer.callbacks.resume import ExactResume
@@ -70,6 +71,8 @@ def _wandb_ids(cfg: DictConfig, output_dir: Path) -> None:
         if entry is not None and str(entry.get("_target_", "")).endswith("WandbLogger") and not entry.get("id"):
             id_file = output_dir / "wandb_id"
             if not id_file.exists():
+                if rank_zero_only.rank != 0:  # only rank 0 logs; under srun all ranks get here at once
+                    continue
                 atomic_write_bytes(id_file, uuid.uuid4().hex[:12].encode())
             with open_dict(entry):
                 entry.id = id_file.read_text().strip()
