@@ -315,6 +315,7 @@ def test_a_tiny_ldm_overfits_a_few_shapes_images(tmp_path: Path) -> None:
     trainer = pl.Trainer(
         max_steps=1000,  # about a minute on 2 cores
         accelerator="cpu",
+        default_root_dir=tmp_path,  # the task exports there at the end
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
