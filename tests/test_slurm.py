@@ -50,6 +50,22 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def shapes_clip_on_cpu(shards: Path) -> list[str]:
+    """Overrides for a few CPU steps of shapes CLIP on the test's own shards."""
+    return [
+        "experiment=shapes_clip",
+        "debug=fast",
+        "trainer.accelerator=cpu",
+        "data.prepare=null",
+        "data.image_size=32",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        f"data.train.urls={shards}/train.manifest.json",
+        f"data.val.urls={shards}/val.manifest.json",
+        "task.export=false",
+    ]
+
+
 def submit(env: dict[str, str], workdir: Path, script: str, *overrides: str) -> str:
     shards = workdir / "shards"
     command = [
@@ -62,17 +78,8 @@ def submit(env: dict[str, str], workdir: Path, script: str, *overrides: str) -> 
         f"--chdir={workdir}",
         "--export=ALL,MASTER_ADDR=127.0.0.1",  # the emulated nodes' names do not resolve
         str(REPO / "slurm" / script),
-        "experiment=shapes_clip",
-        "debug=fast",
-        "trainer.accelerator=cpu",
+        *shapes_clip_on_cpu(shards),
         "trainer.strategy=ddp",
-        "data.prepare=null",
-        "data.image_size=32",
-        "data.batch_size=4",
-        "data.num_workers=0",
-        f"data.train.urls={shards}/train.manifest.json",
-        f"data.val.urls={shards}/val.manifest.json",
-        "task.export=false",
         *overrides,
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
@@ -150,16 +157,7 @@ def test_a_sweep_is_submitted_through_the_submitit_launcher(slurm: dict[str, str
             "trainer.train",
             "-m",
             "launcher=slurm",
-            "experiment=shapes_clip",
-            "debug=fast",
-            "trainer.accelerator=cpu",
-            "data.prepare=null",
-            "data.image_size=32",
-            "data.batch_size=4",
-            "data.num_workers=0",
-            f"data.train.urls={shards}/train.manifest.json",
-            f"data.val.urls={shards}/val.manifest.json",
-            "task.export=false",
+            *shapes_clip_on_cpu(shards),
             "hydra.launcher.gpus_per_node=0",
             "hydra.launcher.cpus_per_task=1",
             "hydra.launcher.mem_gb=1",

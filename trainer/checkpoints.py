@@ -215,9 +215,10 @@ class AtomicCheckpointIO(_checkpoint_io_base()):
 def checkpoint_is_complete(path: str | os.PathLike) -> tuple[bool, str]:
     """Whether ``path`` reads back as a Lightning training checkpoint; (False, why) when it does not.
     Reading is memory-mapped, so this costs little even for a checkpoint of many GB: a truncated file
-    fails here (its zip directory sits at the end), as does anything that is not a checkpoint."""
+    fails here (its zip directory sits at the end), as does anything that is not a checkpoint. It reads
+    with ``weights_only=True``, as Lightning does when it resumes: what fails here would fail there."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # noqa: BLE001 - any reason it cannot be read makes it unusable
         return False, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:

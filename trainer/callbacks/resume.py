@@ -93,7 +93,7 @@ class ExactResume(pl.Callback):
         self._pending = states[trainer.global_rank]
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.training or trainer.state.fn == "fit":
+        if trainer.state.fn == "fit":  # validation inside a fit, not trainer.validate()
             self._outside_validation = rng_state()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
