@@ -198,6 +198,25 @@ def test_attention_blocks_follow_attn_resolutions() -> None:
     assert "encoder.down.1.attn.0.q.weight" in model.state_dict()
 
 
+def test_attn_type_none_drops_the_mid_block_attention() -> None:
+    """CompVis's ``attn_type: none``: no global attention, so a model trained on crops sees whole images through
+    the same local operations (global attention over more tokens than in training breaks their decoding)."""
+    config = with_ddconfig(TINY_F4, attn_type="none")
+    model = AutoencoderKL.from_config(config).eval()
+    assert isinstance(model.encoder.mid.attn_1, torch.nn.Identity) and isinstance(
+        model.decoder.mid.attn_1, torch.nn.Identity
+    )
+    assert not any(".attn_1." in key for key in model.state_dict())
+    assert model.ddconfig["attn_type"] == "none"  # kept in the config that exports carry
+    rebuilt = AutoencoderKL.from_config({"embed_dim": 3, "ddconfig": model.ddconfig})
+    assert rebuilt.state_dict().keys() == model.state_dict().keys()
+    with_attention = AutoencoderKL.from_config(TINY_F4).state_dict().keys()
+    assert with_attention - model.state_dict().keys() == {k for k in with_attention if ".attn_1." in k}
+    assert "attn_type" not in AutoencoderKL.from_config(TINY_F4).ddconfig  # vanilla: the released layout
+    with torch.no_grad():
+        assert model.decode(model.encode(torch.randn(1, 3, 48, 80)).mode()).shape == (1, 3, 48, 80)
+
+
 def test_sdpa_attention_equals_naive_softmax() -> None:
     torch.manual_seed(0)
     block = AttnBlock(32).eval()

@@ -190,8 +190,9 @@ def test_generation_is_reproducible_per_seed_and_sizes_follow_the_latent_stride(
     b = pipeline.generate(["a blue square"], steps=3, seeds=[6], height=32, width=16)
     assert a.shape == (2, 3, 32, 16) and a.min() >= -1 and a.max() <= 1
     torch.testing.assert_close(a[1:], b, atol=1e-5, rtol=0)  # image 2 alone = image 2 in a batch
-    with pytest.raises(ConfigError, match="multiples of 2"):
-        pipeline.generate(["x"], steps=2, height=31, width=32)
+    # the latent stride is the autoencoder's 2 times the two-level UNet's 2
+    with pytest.raises(ConfigError, match="height 30 is not a multiple of 4"):
+        pipeline.generate(["x"], steps=2, height=30, width=32)
 
 
 @pytest.mark.slow
@@ -257,6 +258,16 @@ def test_cached_latents_train_and_a_stale_cache_is_refused(stages: Path, tmp_pat
     assert batch["latents"].shape == (4, 4, 16, 16) and batch["context"].shape == (4, 16, 64)
     latents, context = task.latents_and_context(batch, drop_captions=False)
     assert latents.dtype == torch.float32 and torch.equal(context, batch["context"].float())
+    # caption dropout with cached embeddings: dropped rows become the empty caption's, the others stay cached
+    task.hparams.caption_dropout = 0.5
+    task._caption_rng.seed(0)
+    expected_drops = [task._caption_rng.random() < 0.5 for _ in range(4)]
+    task._caption_rng.seed(0)
+    _, dropped = task.latents_and_context(batch, drop_captions=True)
+    empty = task.text_encoder.encode([""])[0]
+    assert any(expected_drops) and not all(expected_drops)  # seed 0 drops some rows, not all
+    for row, drop in enumerate(expected_drops):
+        assert torch.equal(dropped[row], empty if drop else batch["context"][row].float())
     timesteps = torch.tensor([10, 500, 900, 999])
     assert torch.isfinite(task.diffusion_loss(latents, context, timesteps, torch.randn_like(latents))).all()
 

@@ -66,12 +66,12 @@ def shapes_clip_on_cpu(shards: Path) -> list[str]:
     ]
 
 
-def submit(env: dict[str, str], workdir: Path, script: str, *overrides: str) -> str:
+def submit(env: dict[str, str], workdir: Path, script: str, *overrides: str, nodes: int = 2) -> str:
     shards = workdir / "shards"
     command = [
         "sbatch",
         "--parsable",
-        "--nodes=2",
+        f"--nodes={nodes}",
         "--ntasks-per-node=1",
         "--gpus-per-node=0",
         "--cpus-per-task=1",
@@ -115,14 +115,15 @@ def test_sigusr1_checkpoints_requeues_and_the_job_resumes(slurm: dict[str, str],
     write_shards(tmp_path / "shards", "train", 48, 4)
     write_shards(tmp_path / "shards", "val", 8, 4, seed=1)
     steps = 300
-    job = submit(
+    job = submit(  # the one-node script (the two-node one is tested above)
         slurm,
         tmp_path,
-        "multinode.sbatch",
+        "train.sbatch",
         f"trainer.max_steps={steps}",
         "trainer.max_epochs=-1",
         "trainer.val_check_interval=1000",
         "callbacks.checkpoint.every_n_train_steps=20",
+        nodes=1,
     )
     checkpoints = tmp_path / "outputs" / "shapes_clip" / f"slurm-{job}" / "checkpoints"
     ended = ("COMPLETED", "FAILED", "CANCELLED")

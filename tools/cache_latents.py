@@ -29,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--prefix", default="train")
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument(
+        "--buckets",
+        default=None,
+        help='aspect-ratio buckets as JSON, e.g. \'{"max_area": 65536, "step": 64}\' (instead of --image-size squares)',
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--device", default="cpu")
@@ -49,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         if scale is None:
             raise ConfigError("no scale factor stored with the autoencoder: give --scale-factor (SD: 0.18215)")
         text_encoder = TextEncoder.from_source(args.text_encoder, layer=args.text_layer) if args.text_encoder else None
+        try:
+            buckets = json.loads(args.buckets) if args.buckets else None
+        except ValueError as error:
+            raise ConfigError(f"--buckets is not valid JSON ({error}); e.g. '{{\"max_area\": 65536}}'") from None
         manifest = cache_latents(
             args.urls,
             args.out,
@@ -60,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             samples_per_shard=args.samples_per_shard,
             prefix=args.prefix,
             device=args.device,
+            buckets=buckets,
         )
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -5,11 +5,16 @@
         --negative-prompt "" --steps 30 --guidance 4 --sampler dpmpp_2m --seed 0 --batch 4 --out samples/
     python tools/sample.py CKPT --prompt "a green star" --init-image photo.png --strength 0.6 --out img2img/
     python tools/sample.py CKPT --prompt "a blue circle" --trajectory --out traj/   # also the image emerging from noise
+    python tools/sample.py CKPT --prompt "a red star" --width 96 --height 64 --out wide/   # any shape at the stride
 
 Writes NNNN.png per image, grid.png, prompts.jsonl (file, prompt, negative prompt, seed, and for prompts
 that name a shapes figure's size, color, shape and position, those attributes, which
 ``python -m trainer.eval.shapes OUT`` scores the images against), and with
 --trajectory a strip per image of the decoded latents at every step.
+
+LoRA adapters (a LoRA run's export/lora.safetensors) are applied at sampling time with a weight each, all at once:
+
+    python tools/sample.py CKPT --prompt "a red star" --lora style.safetensors:0.8 --lora subject.safetensors:0.5 --out lora/
 """
 
 from __future__ import annotations
@@ -37,12 +42,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--schedule", default="karras", help="sigma schedule: karras or uniform")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     parser.add_argument("--batch", type=int, default=1, help="images per prompt")
-    parser.add_argument("--height", type=int, default=None, help="default: the training resolution")
-    parser.add_argument("--width", type=int, default=None)
+    stride = "a multiple of the latent stride (autoencoder x UNet downsampling, e.g. 64 for SD)"
+    parser.add_argument("--height", type=int, default=None, help=f"{stride}; default: the training resolution")
+    parser.add_argument("--width", type=int, default=None, help=f"{stride}; default: the training resolution")
     parser.add_argument("--init-image", default=None, help="image-to-image: start from this image")
     parser.add_argument("--strength", type=float, default=0.75, help="image-to-image: how much to change (0..1)")
     parser.add_argument("--trajectory", action="store_true", help="also save each image's denoising trajectory")
     parser.add_argument("--no-ema", action="store_true", help="use the trained weights, not their EMA")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:WEIGHT]",
+        help="a LoRA adapter file and its weight (default 1; 0: no effect); repeat to combine several",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True, help="output folder")
     return parser.parse_args(argv)
@@ -68,8 +81,10 @@ def run(args: argparse.Namespace) -> int:
 
     from trainer.data.shapes import parse_caption
     from trainer.generate import load_checkpoint_pipeline
+    from trainer.lora import parse_adapter_arg
 
-    pipeline = load_checkpoint_pipeline(args.checkpoint, use_ema=not args.no_ema, device=args.device)
+    adapters = [parse_adapter_arg(text) for text in args.lora]
+    pipeline = load_checkpoint_pipeline(args.checkpoint, use_ema=not args.no_ema, device=args.device, lora=adapters)
     prompts = [p for p in args.prompt for _ in range(args.batch)]
     seeds = [args.seed + i for i in range(len(prompts))]
     height = args.height or pipeline.resolution

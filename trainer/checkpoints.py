@@ -162,6 +162,18 @@ def read_vae_config(path: str | os.PathLike) -> dict | None:
     return json.loads(stored) if stored else None
 
 
+def read_scale_factor(path: str | os.PathLike) -> float | None:
+    """The latent scale factor stored in a safetensors file's metadata (our autoencoder and LDM exports),
+    None for other files: released SD files store none, and a pickle is not loaded just for it."""
+    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        stored = (f.metadata() or {}).get("scale_factor")
+    return float(stored) if stored else None
+
+
 # -- Lightning checkpoints: atomic writes, and finding the newest complete one to resume from -----------------------
 
 

@@ -3,22 +3,30 @@
 Rank and world size come from the trainer at ``setup()`` time (after the distributed environment
 exists), so each rank streams its own part of the shards. ``prepare`` (e.g. generating the shapes
 shards when missing) runs once, on the first rank of each node, before that.
+:class:`FolderDataModule` is the same over a user's folder of images, made into shards on first use.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Mapping
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
+from trainer.data import folders
+from trainer.data.buckets import Buckets
 from trainer.data.pipeline import SampleFilter, ShardDataset, ShardLoader
+from trainer.data.shards import manifest_path
 from trainer.data.sources import resolve_sources
 from trainer.data.transforms import ImageTransform
 from trainer.errors import ConfigError
 
+log = logging.getLogger(__name__)
 # Lightning warns that an IterableDataset's __len__ may be off with several workers; ours is exact
 # (ShardDataset gives each worker its share of the batches), so the warning would only mislead.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined", category=UserWarning)
@@ -33,6 +41,7 @@ class ShardDataModule(pl.LightningDataModule):
         val_batch_size: int | None = None,
         num_workers: int = 2,
         image_size: int = 256,
+        val_image_size: int | None = None,
         resize_size: int | None = None,
         crop: str = "center",
         flip: bool = False,
@@ -45,6 +54,7 @@ class ShardDataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
         prepare: Callable[[], Any] | None = None,
         tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+        buckets: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if "urls" not in train:
@@ -54,9 +64,20 @@ class ShardDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.normalize = normalize if isinstance(normalize, str) else [list(v) for v in normalize]
         self.train_transform = ImageTransform(image_size, crop, flip, self.normalize, resize_size=resize_size)
-        self.val_transform = ImageTransform(image_size, "center", False, self.normalize, resize_size=resize_size)
+        # validation may see whole images where training sees crops (a convolutional autoencoder trained on patches)
+        self.val_transform = ImageTransform(
+            val_image_size or image_size, "center", False, self.normalize, resize_size=resize_size
+        )
         self.caption_key, self.require_caption = caption_key, require_caption
         self.filters = SampleFilter(**filters) if filters else None
+        # aspect-ratio buckets for training and validation (None: square image_size crops); see trainer/data/buckets.py
+        self.buckets = Buckets.from_config(buckets, "data.buckets")
+        if self.buckets is not None and resize_size is not None:
+            log.warning(
+                "data.resize_size=%s is not used with data.buckets: each image is scaled to cover its bucket's size "
+                "and cropped only where the aspect ratios differ (no square patches)",
+                resize_size,
+            )
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prepare, self.tokenizer = prepare, tokenizer
@@ -87,11 +108,13 @@ class ShardDataModule(pl.LightningDataModule):
             shuffle=train,
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
-            drop_last=train,
+            # with buckets, drop_partial decides (default: keep the partial batches, every sample once an epoch)
+            drop_last=train and self.buckets is None,
             rank=rank,
             world_size=world_size,
             num_workers=num_workers,
             name="data.train" if train else "data.val",
+            buckets=self.buckets,
         )
 
     def val_workers(self) -> int:
@@ -113,3 +136,31 @@ class ShardDataModule(pl.LightningDataModule):
         if self.val_set is None:
             return []
         return ShardLoader(self.val_set, num_workers=self.val_workers(), pin_memory=self.pin_memory)
+
+
+class FolderDataModule(ShardDataModule):
+    """A :class:`ShardDataModule` over a folder of images with ``.txt`` captions, or a caption table
+    (``images``), turned into shards on first use in a folder of ``cache_dir`` named after it, and reused
+    while it is unchanged (:func:`trainer.data.folders.ensure_folder_shards`, with the ``ingest`` options).
+    The shard URLs are that folder's manifests: ``train.manifest.json`` and, when ``ingest.val_fraction``
+    is above 0, ``val.manifest.json``. Every other argument is :class:`ShardDataModule`'s."""
+
+    def __init__(
+        self,
+        images: str,
+        cache_dir: str,
+        ingest: Mapping[str, Any] | None = None,
+        train: Mapping[str, Any] | None = None,
+        val: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        source = Path(images).expanduser()
+        folders.check_input(source, "data.images")  # on every rank, before any waits for the first one's prepare
+        options = dict(ingest or {})
+        shards = folders.cache_dir(source, cache_dir)
+        train = {**(train or {}), "urls": str(manifest_path(shards, "train"))}
+        with_val = options.get("val_fraction", folders.VAL_FRACTION) > 0
+        val = {**(val or {}), "urls": str(manifest_path(shards, "val")) if with_val else None}
+        prepare = partial(folders.ensure_folder_shards, source, shards, **options)
+        super().__init__(train, val, prepare=prepare, **kwargs)
+        self.images, self.shards_dir = source, shards

@@ -55,6 +55,24 @@ def run_stage(experiment: str, out: Path, overrides: list[str], log: Path) -> fl
     return time.perf_counter() - started
 
 
+def cache_latents(runs: dict[str, Path], data: Path, out: Path, log: Path) -> Path:
+    """Encode the train split once with the trained autoencoder and text tower (``tools/cache_latents.py``), so
+    the diffusion stage runs only its UNet; returns the cache's manifest."""
+    tool = Path(__file__).resolve().parents[1] / "tools" / "cache_latents.py"
+    command = [
+        sys.executable,
+        str(tool),
+        "--autoencoder",
+        str(runs["autoencoder"] / "export" / "autoencoder.safetensors"),
+    ]
+    command += ["--text-encoder", str(runs["clip"] / "export" / "clip"), "--urls", str(data / "train.manifest.json")]
+    command += ["--image-size", "64", "--batch-size", "100", "--samples-per-shard", "1000", "--out", str(out)]
+    with open(log, "w") as sink:
+        if subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT).returncode != 0:
+            raise SystemExit(f"error: caching latents failed; see {log}")
+    return out / "train.manifest.json"
+
+
 def last_metrics(run: Path) -> dict[str, float]:
     """The last logged value of every metric of a run's CSV log."""
     files = sorted(run.rglob("metrics.csv"))
@@ -170,9 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         [*shards, *fast, f"trainer.max_steps={plan['autoencoder']}"],
         out / "autoencoder.log",
     )
+    print("\n=== caching latents and text embeddings of the train split", flush=True)
+    t = time.perf_counter()
+    latents = cache_latents(runs, data, out / "latents", out / "latents.log")
+    times["latents"] = time.perf_counter() - t
     ldm = [
-        *shards,
+        *(o for o in shards if not o.startswith("data.train.urls=")),
         *fast,
+        f"data.train.urls={latents}",
         f"trainer.max_steps={plan['ldm']}",
         f"task.text_encoder.source={runs['clip']}/export/clip",
         f"task.autoencoder.checkpoint={runs['autoencoder']}/export/autoencoder.safetensors",
@@ -205,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 autoencoder.get("val/scale_factor", float("nan")),
             ),
         ),
+        ("latents", times["latents"], "train split encoded once: the LDM stage runs only its UNet"),
         ("ldm", times["ldm"], "val loss {:.4f}".format(diffusion.get("val/loss", float("nan")))),
         (
             "sample+eval",

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from trainer.data.buckets import require_multiple
 from trainer.diffusion import SAMPLERS, DiscreteDenoiser, GuidedDenoiser, get_sigmas, img2img_start
 from trainer.errors import ConfigError
 
@@ -40,6 +41,11 @@ class LatentDiffusion:
     @property
     def downsample_factor(self) -> int:
         return self.autoencoder.downsample_factor
+
+    @property
+    def latent_stride(self) -> int:
+        """Image sides must be multiples of this: the autoencoder's downsampling times the UNet's."""
+        return self.downsample_factor * getattr(self.unet, "downsample_factor", 1)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -75,7 +81,8 @@ class LatentDiffusion:
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
         sampler_options: dict | None = None,
     ) -> torch.Tensor:
-        """Sample one image per prompt; returns (B, 3, height, width) in [-1, 1].
+        """Sample one image per prompt; returns (B, 3, height, width) in [-1, 1]. Width and height may differ; each
+        must be a multiple of :attr:`latent_stride` (a ValueError says which is not).
 
         ``seeds`` (one per prompt) make each image reproducible on its own, whatever the batch.
         With ``init_images`` ((B, 3, H, W) in [-1, 1]) this is image-to-image: the images are
@@ -84,11 +91,10 @@ class LatentDiffusion:
         """
         if sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-        factor = self.downsample_factor
-        if height % factor or width % factor:
-            raise ConfigError(
-                f"height and width must be multiples of {factor} (the latent stride), got {height}x{width}"
-            )
+        factor, stride = self.downsample_factor, self.latent_stride
+        require_multiple(
+            width, height, stride, f"sampled images (latent stride: autoencoder {factor} x UNet {stride // factor})"
+        )
         count = len(prompts)
         negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * count
         if len(negative_prompts) != count:
@@ -123,11 +129,23 @@ class LatentDiffusion:
         return self.decode_latents(x)
 
 
-def load_checkpoint_pipeline(checkpoint: str, use_ema: bool = True, device: str = "cpu") -> LatentDiffusion:
+def load_lora(pipeline: LatentDiffusion, adapters: Sequence[tuple[str, float]]) -> list[str]:
+    """Add LoRA adapter files, each with its weight (``(path, weight)`` pairs, as ``FILE:0.8`` on the command line),
+    to the pipeline's UNet and text encoder, all active at once (:func:`trainer.lora.load_adapters`). A weight scales
+    the adapter's delta; 0 leaves the model as it was. Returns the new adapter names."""
+    from trainer.lora import load_adapters
+
+    return load_adapters({"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}, adapters)
+
+
+def load_checkpoint_pipeline(
+    checkpoint: str, use_ema: bool = True, device: str = "cpu", lora: Sequence[tuple[str, float]] = ()
+) -> LatentDiffusion:
     """A :class:`LatentDiffusion` from one of our latent diffusion checkpoints (.ckpt).
 
     The task is rebuilt from the hyperparameters stored in the checkpoint (so the autoencoder and
-    text encoder files it names must still exist) and then gets the checkpoint's weights.
+    text encoder files it names must still exist) and then gets the checkpoint's weights. A LoRA run's
+    checkpoint comes with its adapters active; ``lora`` adds adapter files with weights (see :func:`load_lora`).
     """
     from trainer.checkpoints import load_lightning_checkpoint
     from trainer.tasks.latent_diffusion import LatentDiffusionTask
@@ -139,4 +157,6 @@ def load_checkpoint_pipeline(checkpoint: str, use_ema: bool = True, device: str 
     hparams = {**hparams, "pretrained": None}
     task = LatentDiffusionTask(**hparams)
     task.load_state_dict(state["state_dict"], strict=True)
+    if lora:
+        load_lora(task.pipeline(use_ema=use_ema), lora)
     return task.to(device).eval().pipeline(use_ema=use_ema)

@@ -70,12 +70,16 @@ def cache_latents(
     prefix: str = "train",
     dtype: torch.dtype = torch.float16,
     device: str = "cpu",
+    buckets: Any = None,
 ) -> dict:
     """Encode every sample of ``urls`` once (center crop, the posterior's mode x scale factor) and
     write ``<out_dir>/<prefix>-NNNNNN.tar`` with ``latents.npy`` (+ ``context.npy``), caption and json.
 
     Note: latents are cached deterministically (the posterior's mode, one center crop), so training
     on them forgoes random crops and posterior sampling; cache several crops if that matters.
+    With ``buckets`` (a :class:`~trainer.data.buckets.Buckets` or its config mapping) each image is fitted to its
+    aspect-ratio bucket instead of ``image_size`` squares; a pipeline with ``buckets`` set batches such latents
+    by their shape.
     """
     autoencoder = autoencoder.to(device).eval()
     tags = {"latent_tag": latent_tag(autoencoder, scale_factor)}
@@ -89,6 +93,7 @@ def cache_latents(
         require_caption=False,
         shuffle=False,
         name="cache_latents",
+        buckets=buckets,
     )
     with ShardWriter(out_dir, prefix, samples_per_shard) as writer:
         for batch in ShardLoader(dataset):

@@ -15,6 +15,18 @@ Two epoch modes:
   (``epoch_length`` samples across all ranks). Use it for multi-node runs where shards do not
   divide evenly among ranks; several sources are mixed with their weights.
 
+Aspect-ratio buckets (``buckets``, see :mod:`trainer.data.buckets`; None keeps the square crops): each worker
+assigns every sample to the bucket of its image's aspect ratio from the image header alone (no decoding) and keeps
+a small buffer of raw samples per bucket; a bucket that reaches ``batch_size`` samples is decoded, each image
+scaled to cover the bucket's size and cropped only where the ratio differs, and emitted as one batch (every image
+of a batch has the bucket's (H, W); the batch carries ``"bucket": (width, height)``). Nothing waits for a pass
+over the data: a buffer holds at most ``batch_size - 1`` samples. At the end of a worker's stream the partial
+batches left in the buffers are emitted too, oldest first, so that an exact-mode epoch still yields every sample
+exactly once; ``buckets.drop_partial`` (or ``drop_last``) drops them instead. Under DDP the ranks' batches of one
+step may come from different buckets: each rank runs its own shapes and DDP averages the gradients, which have
+the same shapes on every rank, so that is fine (a rank's batch may also be smaller than the others' at the end
+of an epoch, as without buckets). Cached latents (``latents.npy``) are grouped by their shape instead.
+
 Faults never stop the run: a broken image, a missing caption or image, bad json, a truncated or
 unreadable tar is skipped, counted in :class:`FaultCounter` and logged with its shard URL and key.
 Each batch carries its worker's cumulative counts under ``"data_stats"`` so the training side can
@@ -35,8 +47,10 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from trainer.data.buckets import Buckets, Size
 from trainer.data.sources import Source, check_sources, open_url, resolve_sources
 from trainer.data.transforms import ImageTransform, decode_image
 from trainer.errors import ConfigError
@@ -135,6 +149,7 @@ class ShardDataset(IterableDataset):
         world_size: int = 1,
         num_workers: int = 0,
         name: str = "data",
+        buckets: Buckets | Any = None,
     ):
         super().__init__()
         if mode not in MODES:
@@ -151,6 +166,8 @@ class ShardDataset(IterableDataset):
         self.filters, self.tokenizer = filters, tokenizer
         self.shuffle, self.shuffle_buffer, self.seed, self.drop_last = shuffle, shuffle_buffer, seed, drop_last
         self.rank, self.world_size = rank, world_size
+        # None: square crops of ``transform.size``; else batches of one aspect-ratio bucket each (module docstring)
+        self.buckets: Buckets | None = Buckets.from_config(buckets, f"{name}.buckets")
         self.epoch = 0
         # Set by ShardLoader when a run resumes mid-epoch: {logical worker: (raw samples read, batches made)}.
         self.resume: dict[int, tuple[int, int]] | None = None
@@ -252,10 +269,11 @@ class ShardDataset(IterableDataset):
             caption = str(value) if value is not None else None
         return caption.strip() if caption is not None else None
 
-    def decode_sample(self, sample: dict, rng: random.Random, faults: FaultCounter) -> dict | None:
+    def _parse(self, sample: dict, faults: FaultCounter) -> tuple[str, dict, str] | None:
+        """The checks of an image sample that need no decoding: (image extension, json metadata, caption), or None
+        when it is skipped (counted in ``faults``). Sizes are checked against the filters here when the json has
+        them."""
         url, key = sample.get("__url__"), sample.get("__key__")
-        if "latents.npy" in sample:  # a cached sample (tools/cache_latents.py): tensors instead of an image
-            return self._decode_cached(sample, faults)
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None:
             return faults.skip("missing_image", url, key)
@@ -276,14 +294,59 @@ class ShardDataset(IterableDataset):
                 isinstance(width, int) and isinstance(height, int) and not self.filters.accepts_size(width, height)
             ):
                 return faults.skip("filtered", url, key)
+        return ext, meta, caption
+
+    def decode_sample(
+        self, sample: dict, rng: random.Random, faults: FaultCounter, size: Size | None = None
+    ) -> dict | None:
+        """One raw sample -> {image (3, H, W), caption, key, url, meta}, or None when it is skipped. With ``size``
+        (a bucket's (width, height), whose size filter :meth:`_bucket_of` already applied) the image is fitted to
+        that size; else it is resized and cropped square by ``transform``."""
+        url, key = sample.get("__url__"), sample.get("__key__")
+        if "latents.npy" in sample:  # a cached sample (tools/cache_latents.py): tensors instead of an image
+            return self._decode_cached(sample, faults)
+        parsed = self._parse(sample, faults)
+        if parsed is None:
+            return None
+        ext, meta, caption = parsed
         try:
-            image = decode_image(sample[ext], min_side=self.transform.resize_size or self.transform.size)
+            if size is None:
+                image = decode_image(sample[ext], min_side=self.transform.resize_size or self.transform.size)
+            else:
+                image = decode_image(sample[ext], cover=size)
+        except Exception as error:  # noqa: BLE001 - Pillow raises many kinds for broken files
+            return faults.skip("broken_image", url, key, error)
+        if size is not None:
+            pixels = self.transform.fit(image, size, rng)
+        else:
+            sized_by_meta = "width" in meta and "height" in meta
+            if self.filters is not None and not sized_by_meta and not self.filters.accepts_size(*image.size):
+                return faults.skip("filtered", url, key)
+            pixels = self.transform(image, rng)
+        return {"image": pixels, "caption": caption, "key": key, "url": url, "meta": meta}
+
+    def _bucket_of(self, sample: dict, faults: FaultCounter) -> tuple | None:
+        """Which buffer a raw sample joins, without decoding it: ``("image", bucket index)`` by the aspect ratio
+        in the image's header, or ``("latents", shape)`` for a cached sample; None when it is skipped."""
+        url, key = sample.get("__url__"), sample.get("__key__")
+        if "latents.npy" in sample:
+            try:
+                return ("latents", tuple(np.load(io.BytesIO(sample["latents.npy"])).shape))
+            except (ValueError, OSError) as error:
+                return faults.skip("bad_cache", url, key, error)
+        parsed = self._parse(sample, faults)
+        if parsed is None:
+            return None
+        ext, meta, _ = parsed
+        try:
+            with Image.open(io.BytesIO(sample[ext])) as image:  # reads the header only
+                width, height = image.size
         except Exception as error:  # noqa: BLE001 - Pillow raises many kinds for broken files
             return faults.skip("broken_image", url, key, error)
         sized_by_meta = "width" in meta and "height" in meta
-        if self.filters is not None and not sized_by_meta and not self.filters.accepts_size(*image.size):
+        if self.filters is not None and not sized_by_meta and not self.filters.accepts_size(width, height):
             return faults.skip("filtered", url, key)
-        return {"image": self.transform(image, rng), "caption": caption, "key": key, "url": url, "meta": meta}
+        return ("image", self.buckets.assign(width, height))
 
     def _decode_cached(self, sample: dict, faults: FaultCounter) -> dict | None:
         url, key = sample.get("__url__"), sample.get("__key__")
@@ -339,6 +402,9 @@ class ShardDataset(IterableDataset):
             max_batches = per_rank // num_workers + (worker < per_rank % num_workers)
         if self.shuffle and self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(samples)
+        if self.buckets is not None:
+            yield from self._bucketed(samples, worker, epoch, produced, max_batches, faults)
+            return
 
         position, batch = 0, []
         for sample in samples:
@@ -359,6 +425,64 @@ class ShardDataset(IterableDataset):
         if batch and not self.drop_last and (max_batches is None or produced < max_batches):
             produced += 1
             yield self._collate(batch, self._stats(worker, faults, epoch, position, produced))
+
+    def _bucketed(
+        self,
+        samples: Iterator[dict],
+        worker: int,
+        epoch: int,
+        done: int,
+        max_batches: int | None,
+        faults: FaultCounter,
+    ) -> Iterator[dict]:
+        """Batches formed within buckets while streaming (see the module docstring), after the first ``done``.
+
+        The batches are a function of the sample stream alone (bucket membership comes from image headers), so a
+        resumed worker forms its first ``done`` batches again from the replayed stream without decoding them, and
+        its buffers then hold exactly the samples that the interrupted run's buffers held."""
+        pending: dict[tuple, list[tuple[int, dict]]] = {}  # buffer key -> [(stream position, raw sample)], oldest first
+        position = made = 0
+
+        def emit(where: tuple, group: list[tuple[int, dict]]) -> dict | None:
+            nonlocal made
+            made += 1
+            if made <= done:  # consumed before the resume
+                return None
+            size = self.buckets.sizes[where[1]] if where[0] == "image" else None
+            items = [
+                self.decode_sample(sample, _seeded(self.seed, epoch, self.rank, worker, at), faults, size)
+                for at, sample in group
+            ]
+            items = [item for item in items if item is not None]  # an image may still fail to decode
+            if not items:
+                return None
+            batch = self._collate(items, self._stats(worker, faults, epoch, position, made))
+            if size is not None:
+                batch["bucket"] = size
+            return batch
+
+        for sample in samples:
+            if max_batches is not None and made >= max_batches:
+                break
+            position += 1
+            where = self._bucket_of(sample, faults)
+            if where is None:
+                continue
+            group = pending.setdefault(where, [])
+            group.append((position, sample))
+            if len(group) == self.batch_size:
+                del pending[where]
+                batch = emit(where, group)
+                if batch is not None:
+                    yield batch
+        if self.drop_last or self.buckets.drop_partial:
+            return
+        for where, group in pending.items():  # the end of the stream: the partial batches, oldest first
+            if max_batches is not None and made >= max_batches:
+                break
+            batch = emit(where, group)
+            if batch is not None:
+                yield batch
 
     def _stats(self, worker: int, faults: FaultCounter, epoch: int, position: int, produced: int) -> dict:
         return {
@@ -391,8 +515,9 @@ class ShardLoader(DataLoader):
     names consumed batches, not the ones Lightning and the workers have prefetched. It is the epoch,
     the number of batches consumed in it and, per rank and worker, the raw samples read and batches
     made. A resumed worker replays its shard stream and shuffle buffer up to there without decoding
-    (tar reading only), and the workers are rotated so that batches come in the interrupted run's
-    order. The same number of ranks and workers is required; otherwise the run restarts its epoch.
+    (tar reading only; with buckets also the image headers, which fills the bucket buffers again),
+    and the workers are rotated so that batches come in the interrupted run's order. The same
+    number of ranks and workers is required; otherwise the run restarts its epoch.
     """
 
     def __init__(

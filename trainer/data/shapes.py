@@ -192,8 +192,11 @@ def make_caption(attributes: dict[str, Any], rng_or_template_id: random.Random |
     else:
         template_id = rng_or_template_id
     fields = {key: attributes[key] for key in ("size", "color", "shape", "position", "background")}
-    caption = CAPTION_TEMPLATES[template_id].format(**fields)
-    return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", r"\1n ", caption)  # "a orange" -> "an orange"
+    return _articles(CAPTION_TEMPLATES[template_id].format(**fields))
+
+
+def _articles(text: str) -> str:
+    return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", r"\1n ", text)  # "a orange" -> "an orange"
 
 
 def parse_caption(caption: str) -> dict[str, str] | None:
@@ -215,34 +218,33 @@ def parse_caption(caption: str) -> dict[str, str] | None:
     return found if all(found.values()) else None
 
 
-def zero_shot_classes() -> dict[str, dict[str, Any]]:
+def zero_shot_classes(prompts_per_class: int = 48, seed: int = 0) -> dict[str, dict[str, Any]]:
     """Class names and prompt templates for CLIP zero-shot classification of each attribute.
 
-    ``field`` is the key of the sample's json that holds the true class name. Prompts are
-    ``template.format(class_name)``; no template puts "a" before a class name that may need "an".
+    ``field`` is the key of the sample's json that holds the true class name; a class's prompts are
+    ``template.format(class_name)``, averaged over the templates (prompt ensembling, as CLIP's
+    ImageNet evaluation does). The templates are the dataset's own caption templates with the other
+    attributes filled in at random (a fixed seed), so a class's mean embedding marginalizes over
+    them; templates that would put the class right after "a" are left out ("a orange").
     """
-    return {
-        "color": {
-            "classes": list(COLORS),
-            "templates": ["a shape colored {}", "a photo of a shape in {}", "something {}"],
-            "field": "color",
-        },
-        "shape": {
-            "classes": list(SHAPES),
-            "templates": ["a photo of a {}", "a {}", "a colored {}"],
-            "field": "shape",
-        },
-        "size": {
-            "classes": list(SIZES),
-            "templates": ["a photo of a {} shape", "a {} shape", "a {} object"],
-            "field": "size",
-        },
-        "position": {
-            "classes": [name for _, _, name in POSITIONS],
-            "templates": ["a shape in the {}", "something at the {} of the image", "a photo of a shape in the {}"],
-            "field": "position",
-        },
+    rng = random.Random(f"zero-shot:{seed}")
+    values = {
+        "size": list(SIZES),
+        "color": list(COLORS),
+        "shape": list(SHAPES),
+        "position": [name for _, _, name in POSITIONS],
+        "background": list(BACKGROUNDS),
     }
+    specs = {}
+    for attribute in ("color", "shape", "size", "position"):
+        usable = [t for t in CAPTION_TEMPLATES if f"a {{{attribute}}}" not in t and f"A {{{attribute}}}" not in t]
+        templates = []
+        for i in range(prompts_per_class):
+            fields = {key: rng.choice(options) for key, options in values.items()}
+            fields[attribute] = "{}"
+            templates.append(_articles(usable[i % len(usable)].format(**fields)))
+        specs[attribute] = {"classes": values[attribute], "templates": templates, "field": attribute}
+    return specs
 
 
 def _encode(image: Image.Image, image_format: str, quality: int) -> bytes:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from trainer.data.buckets import Size, covering_side, resize_and_crop
 from trainer.errors import ConfigError
 
 # The statistics images are normalized with. "clip" is what open_clip's models expect; "symmetric"
@@ -33,14 +34,17 @@ RESAMPLE = {
 }
 
 
-def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
+def decode_image(data: bytes, min_side: int | None = None, cover: Size | None = None) -> Image.Image:
     """Decode image bytes (jpg, png, webp, ...) into an RGB PIL image.
 
     With ``min_side``, JPEGs are decoded in draft mode at the smallest power-of-two reduction that
     still leaves the shorter side at least ``min_side`` pixels (much faster for large photos, and
-    the resize that follows needs no more).
+    the resize that follows needs no more). ``cover`` (a bucket's (width, height)) sets ``min_side``
+    to what scaling the image to cover that size leaves of its shorter side.
     """
     image = Image.open(io.BytesIO(data))
+    if cover is not None:
+        min_side = covering_side(*image.size, cover)
     if min_side is not None and image.format == "JPEG":
         width, height = image.size
         scale = min(width, height) / min_side
@@ -108,6 +112,15 @@ class ImageTransform:
         if self.flip and rng is not None and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return image
+
+    def fit(self, image: Image.Image, size: Size, rng: random.Random | None = None) -> torch.Tensor:
+        """For an aspect-ratio bucket: scale to cover ``size`` (width, height), crop only the excess (``crop``:
+        center, or random with ``rng``), optionally flip, normalize -> (3, height, width). ``size`` and
+        ``resize_size`` do not apply."""
+        image = resize_and_crop(image, size, crop=self.crop, rng=rng, resample=RESAMPLE[self.resample])
+        if self.flip and rng is not None and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return self.to_tensor(image)
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         pixels = np.asarray(image).transpose(2, 0, 1)  # (3, H, W) uint8 view

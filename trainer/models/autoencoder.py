@@ -77,7 +77,9 @@ TINY: dict[str, Any] = {
 
 DDCONFIG_KEYS = frozenset(SD_KL_F8["ddconfig"])
 # Attention variants of the original that compute the same thing as ours (xformers is only a kernel).
-SUPPORTED_ATTN_TYPES = ("vanilla", "vanilla-xformers")
+# "none": no attention in the mid blocks (CompVis make_attn's Identity): fully convolutional, so a model trained
+# on crops encodes and decodes larger images the same way (global attention would see more tokens than in training)
+SUPPORTED_ATTN_TYPES = ("vanilla", "vanilla-xformers", "none")
 # Keys of a released ``first_stage_config.params`` that configure training or loading, not the network.
 IGNORED_PARAMS = frozenset({"lossconfig", "monitor", "ckpt_path", "ignore_keys", "image_key", "colorize_nlabels"})
 
@@ -165,10 +167,10 @@ class Level(nn.Module):
 class MidBlock(nn.Module):
     """ResNet block, attention, ResNet block at the lowest resolution."""
 
-    def __init__(self, channels: int, dropout: float) -> None:
+    def __init__(self, channels: int, dropout: float, attention: bool = True) -> None:
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
+        self.attn_1 = AttnBlock(channels) if attention else nn.Identity()
         self.block_2 = ResnetBlock(channels, channels, dropout)
 
 
@@ -205,6 +207,7 @@ class Encoder(_CheckpointedStack):
         attn_resolutions: Sequence[int],
         dropout: float = 0.0,
         gradient_checkpointing: bool = False,
+        mid_attention: bool = True,
     ) -> None:
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
@@ -224,7 +227,7 @@ class Encoder(_CheckpointedStack):
             self.down.append(Level(blocks, attns, None if is_last else Downsample(block_in), "downsample"))
             if not is_last:
                 current_resolution //= 2
-        self.mid = MidBlock(block_in, dropout)
+        self.mid = MidBlock(block_in, dropout, mid_attention)
         self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, padding=1)
 
@@ -260,13 +263,14 @@ class Decoder(_CheckpointedStack):
         attn_resolutions: Sequence[int],
         dropout: float = 0.0,
         gradient_checkpointing: bool = False,
+        mid_attention: bool = True,
     ) -> None:
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
         block_in = ch * ch_mult[-1]
         current_resolution = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, padding=1)
-        self.mid = MidBlock(block_in, dropout)
+        self.mid = MidBlock(block_in, dropout, mid_attention)
         levels: list[Level] = []
         for level in reversed(range(len(ch_mult))):
             block_out = ch * ch_mult[level]
@@ -360,9 +364,10 @@ class AutoencoderKL(nn.Module):
         if not ddconfig["double_z"]:
             raise ConfigError("AutoencoderKL needs ddconfig.double_z=True: the encoder predicts mean and log-variance")
         self.embed_dim = embed_dim
-        self.ddconfig = ddconfig
+        self.ddconfig = ddconfig if attn_type == "vanilla" else {**ddconfig, "attn_type": attn_type}
         shared = {key: ddconfig[key] for key in ("ch", "ch_mult", "num_res_blocks", "z_channels", "resolution")}
         shared.update(attn_resolutions=ddconfig["attn_resolutions"], dropout=ddconfig["dropout"])
+        shared.update(mid_attention=attn_type != "none")
         self.encoder = Encoder(in_channels=ddconfig["in_channels"], double_z=True, **shared)
         self.decoder = Decoder(out_ch=ddconfig["out_ch"], **shared)
         z_channels = ddconfig["z_channels"]

@@ -53,9 +53,18 @@ def build_clip(
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A CLIP state dict from an open_clip checkpoint, a safetensors file, or one of our Lightning
-    checkpoints (whose ``model.`` prefix is removed). Pickles are read with ``weights_only=True``."""
+    """A CLIP state dict from an open_clip checkpoint, a safetensors file, one of our Lightning
+    checkpoints (whose ``model.`` prefix is removed), or an export folder (``export/clip``: its
+    safetensors file). Pickles are read with ``weights_only=True``."""
     path = Path(path)
+    if path.is_dir():
+        from trainer.checkpoints import OPEN_CLIP_WEIGHTS
+
+        if not (path / OPEN_CLIP_WEIGHTS).is_file():
+            raise MissingFileError(
+                f"{path} is a folder without {OPEN_CLIP_WEIGHTS}: is it a CLIP export (export/clip)?"
+            )
+        path = path / OPEN_CLIP_WEIGHTS
     if not path.is_file():
         raise MissingFileError(f"CLIP weights file {path} does not exist")
     if path.suffix == ".safetensors":
@@ -74,14 +83,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_clip_weights(model: nn.Module, path: str | Path) -> None:
     """Load weights strictly; a mismatched file fails with its missing and unexpected keys listed."""
-    state = read_state_dict(path)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ConfigError(
-            f"CLIP weights {path} do not match the model config: "
-            f"missing keys {result.missing_keys[:10]}{' ...' if len(result.missing_keys) > 10 else ''}, "
-            f"unexpected keys {result.unexpected_keys[:10]}{' ...' if len(result.unexpected_keys) > 10 else ''}"
-        )
+    from trainer.checkpoints import load_strict
+
+    load_strict(model, read_state_dict(path), f"CLIP weights {path}")  # missing, unexpected and mis-shaped keys
 
 
 def clip_model_config(name: str, config: Mapping[str, Any] | None = None) -> dict:

@@ -12,6 +12,10 @@ with λ the adaptive weight ||∇_last nll|| / (||∇_last g|| + 1e-4) (clamped 
 Two optimizers, stepped through Lightning's manual optimization. The discriminator's step goes
 through the strategy (precision and scaler handled) but not through Lightning's optimizer wrapper,
 so ``trainer.global_step`` counts one step per batch, as in the other stages.
+
+``trainable="decoder"`` fine-tunes only the decoder side (decoder, post_quant_conv, logvar) of pretrained weights:
+the encoder and quant_conv stay frozen, so latents an LDM was trained on keep their meaning, and the scale factor
+stored with the pretrained weights is kept instead of measured (as Stable Diffusion's fine-tuned VAE decoders).
 """
 
 from __future__ import annotations
@@ -24,14 +28,17 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
+from trainer.data.buckets import require_multiple
 from trainer.errors import ConfigError
 from trainer.models.autoencoder import AutoencoderKL
 from trainer.models.discriminator import PatchDiscriminator
+from trainer.tasks.optimization import ema_multi_avg_fn
 
 log = logging.getLogger(__name__)
 RECONSTRUCTION = ("l1", "l2")
+TRAINABLE = ("all", "decoder")
 
 
 # -- the loss terms, as pure functions -----------------------------------------------------------
@@ -81,17 +88,29 @@ class AutoencoderTask(pl.LightningModule):
         pretrained: str | None = None,
         scale_factor_samples: int = 512,
         log_images: int = 8,
+        trainable: str = "all",
     ):
         super().__init__()
         if reconstruction not in RECONSTRUCTION:
             raise ConfigError(f"task.reconstruction must be one of {RECONSTRUCTION}, got {reconstruction!r}")
+        if trainable not in TRAINABLE:
+            raise ConfigError(f"task.trainable must be one of {TRAINABLE}, got {trainable!r}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.autoencoder = AutoencoderKL.from_config(dict(model), gradient_checkpointing=gradient_checkpointing)
+        stored_scale = None
         if pretrained:
             from trainer.checkpoints import load_vae_weights
 
-            load_vae_weights(self.autoencoder, pretrained)
+            stored_scale = load_vae_weights(self.autoencoder, pretrained)
+        # decoder only: the encoder and quant_conv stay frozen, so the latents (and their scale) that an LDM was
+        # trained on stay valid; the decoder, post_quant_conv and logvar train
+        self.keeps_latents = trainable == "decoder"
+        if self.keeps_latents:
+            if not pretrained:
+                log.warning("task.trainable=decoder without task.pretrained: the encoder stays at its random init")
+            self.autoencoder.encoder.requires_grad_(False)
+            self.autoencoder.quant_conv.requires_grad_(False)
         if channels_last:
             self.autoencoder.to_channels_last()
         self.logvar = torch.nn.Parameter(torch.tensor(float(logvar_init)))
@@ -104,12 +123,16 @@ class AutoencoderTask(pl.LightningModule):
         elif perceptual_weight > 0:
             log.warning("no LPIPS weights given (task.lpips_weights): training without the perceptual loss")
         self.ema = (
-            AveragedModel(self.autoencoder, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            AveragedModel(self.autoencoder, multi_avg_fn=ema_multi_avg_fn(ema_decay), use_buffers=True)
             if ema_decay
             else None
         )
-        # 1 / std of the latents (SD's 0.18215): measured on validation data, saved with the checkpoint
+        # 1 / std of the latents (SD's 0.18215): measured on validation data, saved with the checkpoint; with a
+        # frozen encoder, the one stored with the pretrained weights is kept (measured when they store none)
         self.register_buffer("scale_factor", torch.tensor(1.0))
+        self.keeps_scale = self.keeps_latents and stored_scale is not None
+        if self.keeps_scale:
+            self.scale_factor.fill_(stored_scale)
         self.optimizer_cfg = {"lr": 4.5e-6, "betas": (0.5, 0.9), "weight_decay": 0.0, **(optimizer or {})}
         self._latent_moments: list[torch.Tensor] = []
 
@@ -129,7 +152,8 @@ class AutoencoderTask(pl.LightningModule):
         return nll.sum() / len(images), logs
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        images = batch["image"]
+        images = batch["image"]  # (B, C, H, W); H != W with data.buckets
+        self._check_size(images)
         opt_ae, opt_d = self.optimizers()
         step = self.global_step
         factor = adopt_weight(self.hparams.disc_factor, step, self.hparams.disc_start)
@@ -177,7 +201,7 @@ class AutoencoderTask(pl.LightningModule):
     def configure_optimizers(self):
         cfg = self.optimizer_cfg
         kwargs = {"lr": cfg["lr"], "betas": tuple(cfg["betas"]), "weight_decay": cfg["weight_decay"]}
-        ae_params = [*self.autoencoder.parameters(), self.logvar]
+        ae_params = [p for p in self.autoencoder.parameters() if p.requires_grad] + [self.logvar]
         return [torch.optim.AdamW(ae_params, **kwargs), torch.optim.AdamW(self.discriminator.parameters(), **kwargs)]
 
     def on_train_end(self) -> None:
@@ -196,8 +220,14 @@ class AutoencoderTask(pl.LightningModule):
         """The EMA weights when EMA is on, else the trained ones."""
         return self.ema.module if self.ema is not None else self.autoencoder
 
+    def _check_size(self, images: torch.Tensor) -> None:
+        height, width = images.shape[-2:]
+        factor = self.autoencoder.downsample_factor
+        require_multiple(width, height, factor, "images (data.image_size, or data.buckets' sizes and step)")
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images = batch["image"]
+        self._check_size(images)
         posterior = self.eval_autoencoder.encode(images)
         reconstructions = self.eval_autoencoder.decode(posterior.mode()).clamp(-1, 1)
         batch_size = len(images)
@@ -208,7 +238,8 @@ class AutoencoderTask(pl.LightningModule):
             self.log("val/lpips", self.lpips(images, reconstructions).mean(), sync_dist=True, batch_size=batch_size)
         seen = sum(len(m) for m in self._latent_moments)
         if seen < self.hparams.scale_factor_samples:
-            self._latent_moments.append(posterior.sample().flatten(1).float())
+            # one row per image; batches of different buckets have rows of different lengths
+            self._latent_moments.append(list(posterior.sample().flatten(1).float()))
         if batch_idx == 0:
             self._log_grid(images[: self.hparams.log_images], reconstructions[: self.hparams.log_images])
 
@@ -220,8 +251,11 @@ class AutoencoderTask(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self._latent_moments:
             return
-        latents = torch.cat(self._latent_moments)
+        latents = torch.cat([row for rows in self._latent_moments for row in rows])  # every latent value, flat
         self._latent_moments = []
+        if self.keeps_scale:  # the encoder is frozen: the latents' scale is the pretrained one
+            self.log("val/scale_factor", self.scale_factor, sync_dist=False)
+            return
         # std over all latent values of all ranks
         count = torch.tensor(float(latents.numel()), device=self.device)
         total, squares = latents.sum(), latents.pow(2).sum()

@@ -9,10 +9,17 @@ Training: t ~ U{0..T-1}, x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise (optionally 
 UNet predicts eps, v or x0, MSE with optional min-SNR-gamma weighting; captions are replaced by the
 empty caption with probability ``caption_dropout`` so the model also learns the unconditional
 prediction that classifier-free guidance needs. An EMA of the UNet samples the validation grids.
+
+LoRA (``lora``: rank, alpha, dropout, targets, and optionally ``text_encoder``; see :mod:`trainer.lora`): peft
+adapters on the UNet (and the text encoder), everything else frozen; the optimizer steps only the adapters, the EMA
+averages only them (its copy shares the frozen base weights with the UNet), and the end-of-run export is the adapter
+file ``export/lora.safetensors`` instead of the full ``export/ldm.safetensors`` (merge it with
+``tools/merge_lora.py``). Lightning checkpoints hold base and adapters and resume as usual.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import warnings
@@ -22,16 +29,18 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from trainer.checkpoints import (
     load_strict,
     load_vae_weights,
+    read_scale_factor,
     read_vae_config,
     read_weights,
     save_safetensors,
     select_prefixed,
 )
+from trainer.data.buckets import require_multiple
 from trainer.diffusion import alphas_cumprod as cumulative_alphas
 from trainer.diffusion import (
     beta_schedule,
@@ -46,10 +55,11 @@ from trainer.diffusion import (
 from trainer.errors import ConfigError
 from trainer.generate import LatentDiffusion
 from trainer.latent_cache import check_cache_tags, latent_tag
+from trainer.lora import apply_lora, merge_adapters, parse_lora_config, save_adapters
 from trainer.models.autoencoder import AutoencoderKL
 from trainer.models.text_encoder import TextEncoder
 from trainer.models.unet import UNetModel
-from trainer.tasks.optimization import adamw_with_schedule
+from trainer.tasks.optimization import adamw_with_schedule, ema_multi_avg_fn
 
 log = logging.getLogger(__name__)
 # The frozen autoencoder and text encoder stay in eval mode on purpose.
@@ -77,6 +87,7 @@ class LatentDiffusionTask(pl.LightningModule):
         channels_last: bool = False,
         validation: Mapping[str, Any] | None = None,
         export: bool = True,
+        lora: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if objective not in OBJECTIVES:
@@ -96,11 +107,20 @@ class LatentDiffusionTask(pl.LightningModule):
         stored_scale = None
         if autoencoder.get("checkpoint"):
             stored_scale = load_vae_weights(self.autoencoder, autoencoder["checkpoint"])
+        elif pretrained:  # the VAE comes from the pretrained file (load_pretrained); our exports store its scale
+            stored_scale = read_scale_factor(pretrained)
         scale = autoencoder.get("scale_factor") or stored_scale
         if scale is None:
             raise ConfigError(
-                "no latent scale factor: the autoencoder checkpoint has none, so set task.autoencoder.scale_factor "
+                "no latent scale factor: the autoencoder's weights store none, so set task.autoencoder.scale_factor "
                 "(0.18215 for the SD VAE)"
+            )
+        if stored_scale is not None and abs(float(scale) - stored_scale) > 1e-6 * abs(stored_scale):
+            log.warning(
+                "task.autoencoder.scale_factor=%s is used, but the autoencoder's weights store %s (the scale its "
+                "latents were trained with); set task.autoencoder.scale_factor=null to use the stored one",
+                scale,
+                stored_scale,
             )
         self.scale_factor = float(scale)
         self.posterior = autoencoder.get("posterior", "sample")
@@ -130,14 +150,16 @@ class LatentDiffusionTask(pl.LightningModule):
             self.load_pretrained(pretrained)
         if gradient_checkpointing is not None:  # None keeps the UNet config's use_checkpoint
             self.unet.gradient_checkpointing = gradient_checkpointing
+        self.lora_specs = parse_lora_config(lora)  # {} for full fine-tuning
+        if self.lora_specs:
+            apply_lora(self.unet, self.lora_specs["unet"], "unet", source="task.lora")
+            if self.text_encoder_trains:
+                spec = self.lora_specs["text_encoder"]
+                apply_lora(self.text_encoder, spec, "text_encoder", source="task.lora.text_encoder")
         if channels_last:
             self.unet.to_channels_last()
             self.autoencoder.to_channels_last()
-        self.ema_unet = (
-            AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-            if ema_decay
-            else None
-        )
+        self.ema_unet = self._make_ema(ema_decay) if ema_decay else None
         schedule = {
             "name": "scaled_linear",
             "num_timesteps": 1000,
@@ -182,17 +204,50 @@ class LatentDiffusionTask(pl.LightningModule):
 
     def export(self, path: str | Path) -> Path:
         """One safetensors file in the original layout: ``model.diffusion_model.*`` (the EMA UNet when
-        EMA is on) + ``first_stage_model.*``, the scale factor in the metadata."""
+        EMA is on) + ``first_stage_model.*``, the scale factor in the metadata. Under LoRA, the UNet with its
+        adapters merged in (a copy: the task keeps its adapters)."""
         unet = self.ema_unet.module if self.ema_unet is not None else self.unet
+        if self.lora_specs:
+            unet = merge_adapters(copy.deepcopy(unet))
         tensors = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
         tensors.update({f"first_stage_model.{k}": v for k, v in self.autoencoder.state_dict().items()})
         metadata = {"format": "pt", "scale_factor": repr(self.scale_factor), "objective": self.hparams.objective}
         return save_safetensors(tensors, path, metadata)
 
+    def export_lora(self, path: str | Path) -> Path:
+        """The adapters alone (:func:`trainer.lora.save_adapters`): the UNet's (from the EMA when EMA is on) and the
+        text encoder's when it has some; the objective and the base weights' file in the metadata."""
+        unet = self.ema_unet.module if self.ema_unet is not None else self.unet
+        parts = {"unet": (unet, self.lora_specs["unet"])}
+        if self.text_encoder_trains:
+            parts["text_encoder"] = (self.text_encoder, self.lora_specs["text_encoder"])
+        metadata = {"objective": self.hparams.objective, "base": str(self.hparams.pretrained or "")}
+        return save_adapters(path, parts, metadata=metadata)
+
     def on_train_end(self) -> None:
         if self.hparams.export and self.trainer.is_global_zero:
-            out = self.export(Path(self.trainer.default_root_dir) / "export" / "ldm.safetensors")
+            folder = Path(self.trainer.default_root_dir) / "export"
+            if self.lora_specs:  # the base is unchanged: the adapters are the whole result
+                out = self.export_lora(folder / "lora.safetensors")
+                log.info("exported the LoRA adapters to %s (merge them with tools/merge_lora.py)", out)
+                return
+            out = self.export(folder / "ldm.safetensors")
             log.info("exported the UNet + VAE in the SD layout to %s", out)
+
+    @property
+    def text_encoder_trains(self) -> bool:
+        """Whether the text encoder has LoRA adapters to train (it is frozen otherwise)."""
+        return "text_encoder" in self.lora_specs
+
+    def _make_ema(self, decay: float) -> AveragedModel:
+        """An EMA of the UNet. Under LoRA it averages only what trains: its copy of the UNet shares the frozen base
+        parameters with the UNet itself (no second copy in memory; one in checkpoints), and the update skips them."""
+        if not self.lora_specs:
+            return AveragedModel(self.unet, multi_avg_fn=ema_multi_avg_fn(decay), use_buffers=True)
+        ema = AveragedModel(torch.nn.Identity(), multi_avg_fn=_ema_of_unshared(decay), use_buffers=True)
+        frozen = {id(p): p for p in self.unet.parameters() if not p.requires_grad}
+        ema.module = copy.deepcopy(self.unet, memo=frozen)  # what AveragedModel does, minus the frozen copies
+        return ema
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -209,18 +264,35 @@ class LatentDiffusionTask(pl.LightningModule):
             self._check_cache(batch["meta"][0])
             latents = batch["latents"].float()
         else:
+            height, width = batch["image"].shape[-2:]  # any aspect ratio (data.buckets), at the latent stride
+            stride = self.autoencoder.downsample_factor * self.unet.downsample_factor
+            require_multiple(
+                width, height, stride, "training images (data.image_size, or data.buckets' sizes and step)"
+            )
             posterior = self.autoencoder.encode(batch["image"])
             latents = (posterior.sample() if self.posterior == "sample" else posterior.mode()) * self.scale_factor
-        if "context" in batch and not drop_captions:
-            return latents, batch["context"].float()
         captions = list(batch["caption"])
         if drop_captions and self.hparams.caption_dropout > 0:
-            captions = ["" if self._caption_rng.random() < self.hparams.caption_dropout else c for c in captions]
+            dropped = [self._caption_rng.random() < self.hparams.caption_dropout for _ in captions]
+        else:
+            dropped = [False] * len(captions)
+        if "context" in batch and not self.text_encoder_trains:
+            # cached: only the dropped captions' rows change, to the empty caption's embedding
+            context = batch["context"].float()
+            if any(dropped):
+                rows = torch.tensor(dropped, device=context.device)[:, None, None]
+                context = torch.where(rows, self.text_encoder.encode([""]).to(context), context)
+            return latents, context
+        captions = ["" if drop else caption for drop, caption in zip(dropped, captions, strict=True)]
+        if self.text_encoder_trains and self.training:  # its adapters learn: gradients through the text encoder
+            with torch.enable_grad():
+                return latents, self.text_encoder(self.tokenizer(captions).to(self.device))
         return latents, self.text_encoder.encode(captions)
 
     def _check_cache(self, meta: dict) -> None:
-        if self._cache_tags is None:  # hashing the frozen weights once
-            self._cache_tags = (latent_tag(self.autoencoder, self.scale_factor), self.text_encoder.fingerprint())
+        if self._cache_tags is None:  # hashing the frozen weights once; a text encoder that trains has no fixed tag
+            text_tag = None if self.text_encoder_trains else self.text_encoder.fingerprint()
+            self._cache_tags = (latent_tag(self.autoencoder, self.scale_factor), text_tag)
         check_cache_tags(meta, *self._cache_tags)
 
     def diffusion_loss(
@@ -328,7 +400,24 @@ class LatentDiffusionTask(pl.LightningModule):
 
     # -- optimization -----------------------------------------------------------------------------
 
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer steps: the UNet, or under LoRA only the adapters (of the UNet and the text encoder)."""
+        return [p for module in (self.unet, self.text_encoder) for p in module.parameters() if p.requires_grad]
+
     def configure_optimizers(self):
         return adamw_with_schedule(
-            self.unet.parameters(), self.optimizer_cfg, self.scheduler_cfg, self.trainer.max_steps
+            self.trainable_parameters(), self.optimizer_cfg, self.scheduler_cfg, self.trainer.max_steps
         )
+
+
+def _ema_of_unshared(decay: float):
+    """EMA update (torch's ``get_ema_multi_avg_fn``) of the parameter pairs that are not one shared tensor: under
+    LoRA the frozen base is shared between the UNet and its EMA, and averaging it with itself would only cost time."""
+    update = ema_multi_avg_fn(decay)
+
+    def multi_avg_fn(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: Any) -> None:
+        pairs = [(a, c) for a, c in zip(averaged, current, strict=True) if a.data_ptr() != c.data_ptr()]
+        if pairs:
+            update([a for a, _ in pairs], [c for _, c in pairs], num_averaged)
+
+    return multi_avg_fn

@@ -41,3 +41,22 @@ def adamw_with_schedule(
     schedule = warmup_cosine(scheduler.get("warmup_steps", 0), total, scheduler.get("min_lr_ratio", 0.0))
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, schedule)
     return {"optimizer": adamw, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+
+
+def ema_multi_avg_fn(decay: float):
+    """EMA update for ``torch.optim.swa_utils.AveragedModel(multi_avg_fn=...)`` with the warmup of CompVis's
+    ``LitEma``: the n-th update uses ``min(decay, (1 + n) / (10 + n))``, so early on the average follows the
+    weights closely instead of keeping a large share of the random initialization (after 1000 updates a fixed
+    0.999 would still hold 37% of it, which is what a short run would then sample with)."""
+
+    def multi_avg_fn(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: Any) -> None:
+        n = float(num_averaged)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        floating = [(a, c) for a, c in zip(averaged, current, strict=True) if torch.is_floating_point(a)]
+        if floating:
+            torch._foreach_lerp_([a for a, _ in floating], [c for _, c in floating], weight)
+        for a, c in zip(averaged, current, strict=True):
+            if not torch.is_floating_point(a):
+                a.copy_(c)
+
+    return multi_avg_fn
