@@ -24,6 +24,10 @@ REQUIRED = {
     "task.text_encoder.source": "/weights/clip-export",
     "task.autoencoder.checkpoint": "/weights/vae.safetensors",
     "task.pretrained": "/weights/sd15.safetensors",
+    # the folder fine-tuning recipes (finetune_ldm, finetune_clip, finetune_autoencoder)
+    "data.images": "/my/photos",
+    "base": "/weights/base.safetensors",
+    "text_encoder": "/weights/clip-export",
 }
 
 

@@ -459,6 +459,27 @@ def test_the_readme_lora_overrides_compose_and_build(stages: Path, tmp_path: Pat
     specs = parse_lora_config(sd15.task.lora)
     assert specs["unet"].targets == ("attention", "ff") and specs["text_encoder"].rank == 8
     assert sd15.task.optimizer.lr == 1.0e-4
+    # scaled down to two steps on the test shards (no validation: the shapes grid samples 4 prompts x 20 steps)
+    data = ShardDataModule(
+        train={"urls": str(stages / "shards" / "train.manifest.json")},
+        batch_size=2,
+        num_workers=0,
+        image_size=16,
+        normalize="symmetric",
+    )
+    trainer = pl.Trainer(
+        max_steps=2,
+        limit_val_batches=0,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path / "run",
+    )
+    trainer.fit(task, datamodule=data)
+    assert read_adapters(tmp_path / "run" / "export" / "lora.safetensors").specs == task.lora_specs
+    after = {k.replace(".base_layer", ""): v for k, v in task.unet.state_dict().items() if ".lora_" not in k}
+    assert all(torch.equal(after[k], v) for k, v in base.state_dict().items())
 
 
 @pytest.mark.slow

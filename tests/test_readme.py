@@ -92,14 +92,29 @@ COVERAGE: dict[str, tuple[tuple[str, ...], str]] = {
         ("tests/test_latent_diffusion.py::test_cached_latents_train_and_a_stale_cache_is_refused",),
         "cache_latents.py",
     ),
-    "python -m trainer.train experiment=photos_autoencoder 'data.buckets=": (
+    "python -m trainer.train experiment=shapes_ldm name=shapes_ldm_lora task.lora=*": (
+        ("tests/test_lora.py::test_the_readme_lora_overrides_compose_and_build",),
+        "task.lora={rank: 8, alpha: 8, targets: [attention, ff]}",
+    ),
+    'python tools/sample.py outputs/shapes_ldm/latest/checkpoints/last.ckpt --prompt "a large blue square in the center" --lora*': (
+        ("tests/test_lora.py::test_sample_tool_with_lora",),
+        '"--lora"',
+    ),
+    "python tools/merge_lora.py*": (
+        (
+            "tests/test_lora.py::test_merge_tool",
+            "tests/test_lora.py::test_merge_tool_from_a_lora_runs_checkpoint",
+        ),
+        '"--text-encoder-out"',
+    ),
+    "python -m trainer.train experiment=photos_autoencoder 'data.buckets=*": (
         (
             "tests/test_buckets.py::test_the_readme_bucketed_autoencoder_run",
             "tests/test_buckets.py::test_the_readme_bucket_override_composes_and_reaches_the_pipeline",
         ),
         "data.buckets={max_area: 4096, step: 16, max_aspect: 2.0}",
     ),
-    'python tools/sample.py outputs/shapes_ldm/latest/checkpoints/last.ckpt --prompt "a red circle" --width 80': (
+    'python tools/sample.py outputs/shapes_ldm/latest/checkpoints/last.ckpt --prompt "a red circle" --width 80*': (
         ("tests/test_buckets.py::test_the_readme_sampling_command_at_a_non_square_size",),
         '"--width", "80", "--height", "48", "--steps", "10"',
     ),
@@ -113,6 +128,14 @@ COVERAGE: dict[str, tuple[tuple[str, ...], str]] = {
         "inception",
     ),
     "pip install -e '.[eval]'": (("here",), ""),
+    "wandb login && python -m trainer.train experiment=shapes_clip logger=[wandb,csv]": (
+        ("tests/test_resume.py::test_wandb_offline_writes_a_run_and_a_resumed_run_logs_into_the_same_one",),
+        "logger=[csv,wandb]",
+    ),  # offline: no network here; the logger and its run id are the same
+    "WANDB_MODE=offline python -m trainer.train experiment=shapes_clip logger=[wandb,csv]": (
+        ("tests/test_resume.py::test_wandb_offline_writes_a_run_and_a_resumed_run_logs_into_the_same_one",),
+        "WANDB_MODE",
+    ),
     "python -m trainer.data.shapes*": (("tests/test_shapes.py::test_command_line",), "--train"),
     "python tools/make_shards.py*": (("tests/test_tools_shards.py::test_make_shards_cli",), "make_shards"),
     "python tools/inspect_shards.py*": (("tests/test_tools_shards.py::test_inspect_cli",), "--grid"),
