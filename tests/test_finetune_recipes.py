@@ -180,10 +180,25 @@ def test_inputs_that_cannot_be_trained_on_fail_clearly(tmp_path: Path) -> None:
     assert read_manifest(tmp_path / "out", "train")["total"] == 3
 
 
+def test_the_entry_point_reports_a_bad_folder_as_a_user_error(tmp_path: Path) -> None:
+    """Raised in the datamodule's constructor (wrapped by Hydra) or in prepare_data (inside fit): either way
+    main() finds the UserError and prints it as one line."""
+    from trainer.train import _user_error
+
+    common = ["experiment=finetune_autoencoder", "base=null", "model=autoencoder/tiny_f4", *FAST]
+    with pytest.raises(Exception) as raised:
+        train(compose_run(tmp_path, "a", [*common, f"data.images={tmp_path / 'nope'}"]))
+    assert isinstance(_user_error(raised.value), MissingFileError)
+    images = write_folder(tmp_path / "pics", ["astronaut", "coins"], max_side=32)
+    (images / "coins.txt").unlink()
+    with pytest.raises(ConfigError, match=r"1 of 2 images .* no caption \(coins.png\)"):
+        train(compose_run(tmp_path, "b", [*common, f"data.images={images}", "data.ingest.missing_captions=error"]))
+
+
 # -- the recipes, end to end -----------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # ~30 s on 2 busy CPU cores: two runs, one with validation sampling
+@pytest.mark.slow  # 15 s on 2 idle CPU cores, 40 s on busy ones: two runs, one with validation sampling
 def test_finetune_ldm_on_a_folder_from_an_ldm_export(photos: Path, tmp_path: Path, caplog) -> None:
     """README: python -m trainer.train experiment=finetune_ldm data.images=... base=... text_encoder=..."""
     from trainer.tasks.latent_diffusion import LatentDiffusionTask

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import REPO, write_shards
+from tiny import AE, CLIP, UNET
 from trainer.checkpoints import export_vae, save_safetensors
 from trainer.datamodule import ShardDataModule
 from trainer.errors import ConfigError
@@ -37,37 +38,6 @@ from trainer.models.text_encoder import TextEncoder
 from trainer.models.unet import UNetModel
 from trainer.tasks.latent_diffusion import LatentDiffusionTask
 
-CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-AE = {
-    "embed_dim": 4,
-    "ddconfig": {
-        "double_z": True,
-        "z_channels": 4,
-        "resolution": 32,
-        "in_channels": 3,
-        "out_ch": 3,
-        "ch": 32,
-        "ch_mult": [1, 2],
-        "num_res_blocks": 1,
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    },
-}
-UNET = {
-    "in_channels": 4,
-    "out_channels": 4,
-    "model_channels": 32,
-    "attention_resolutions": [1],
-    "num_res_blocks": 1,
-    "channel_mult": [1, 2],
-    "num_head_channels": 16,
-    "use_spatial_transformer": True,
-    "context_dim": 64,
-}
 LORA = {
     "rank": 4,
     "alpha": 8,

@@ -68,6 +68,18 @@ COVERAGE: dict[str, tuple[tuple[str, ...], str]] = {
     "python -m trainer.train experiment=photos_autoencoder": ((CONFIGS,), "debug=fast"),
     "python -m trainer.train experiment=laion_*": ((CONFIGS, RESOLVES), "REQUIRED"),
     "python -m trainer.train experiment=finetune_sd15*": ((CONFIGS, RESOLVES), "REQUIRED"),
+    "python -m trainer.train experiment=finetune_ldm data.images=*": (
+        ("tests/test_finetune_recipes.py::test_finetune_ldm_on_a_folder_from_an_ldm_export",),
+        '"experiment=finetune_ldm", f"data.images={photos}"',
+    ),
+    "python -m trainer.train experiment=finetune_clip data.images=*": (
+        ("tests/test_finetune_recipes.py::test_finetune_clip_on_a_caption_table_with_a_locked_image_tower",),
+        '"data.ingest.caption_column=text",\n        "task.lock_image=true"',
+    ),
+    "python -m trainer.train experiment=finetune_autoencoder data.images=*": (
+        ("tests/test_finetune_recipes.py::test_finetune_autoencoder_trains_the_decoder_only",),
+        '"experiment=finetune_autoencoder", f"data.images={photos}"',
+    ),
     "python -m trainer.train -m launcher=slurm*": (
         ("tests/test_slurm.py::test_a_sweep_is_submitted_through_the_submitit_launcher",),
         "launcher=slurm",

@@ -164,3 +164,11 @@ class FolderDataModule(ShardDataModule):
         prepare = partial(folders.ensure_folder_shards, source, shards, **options)
         super().__init__(train, val, prepare=prepare, **kwargs)
         self.images, self.shards_dir = source, shards
+        sizes = [kwargs.get(k) or 0 for k in ("image_size", "val_image_size", "resize_size")]
+        if options.get("max_side") and max(sizes) > options["max_side"]:
+            log.warning(
+                "data.ingest.max_side=%s is below the training size (%s px): the stored images will be enlarged; "
+                "raise data.ingest.max_side",
+                options["max_side"],
+                max(sizes),
+            )

@@ -55,7 +55,7 @@ def run_stage(experiment: str, out: Path, overrides: list[str], log: Path) -> fl
     return time.perf_counter() - started
 
 
-def cache_latents(runs: dict[str, Path], data: Path, out: Path, log: Path) -> Path:
+def cache_latents(runs: dict[str, Path], data: Path, out: Path, log: Path, per_shard: int) -> Path:
     """Encode the train split once with the trained autoencoder and text tower (``tools/cache_latents.py``), so
     the diffusion stage runs only its UNet; returns the cache's manifest."""
     tool = Path(__file__).resolve().parents[1] / "tools" / "cache_latents.py"
@@ -66,7 +66,7 @@ def cache_latents(runs: dict[str, Path], data: Path, out: Path, log: Path) -> Pa
         str(runs["autoencoder"] / "export" / "autoencoder.safetensors"),
     ]
     command += ["--text-encoder", str(runs["clip"] / "export" / "clip"), "--urls", str(data / "train.manifest.json")]
-    command += ["--image-size", "64", "--batch-size", "100", "--samples-per-shard", "1000", "--out", str(out)]
+    command += ["--image-size", "64", "--batch-size", "100", "--samples-per-shard", str(per_shard), "--out", str(out)]
     with open(log, "w") as sink:
         if subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT).returncode != 0:
             raise SystemExit(f"error: caching latents failed; see {log}")
@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data) if args.data else (out / "shards" if args.fast else Path("data/shapes/shards"))
     print(f"=== shapes data: {data}", flush=True)
     t = time.perf_counter()
-    ensure_shapes(data, n_train=plan["train"], n_val=plan["val"], samples_per_shard=max(plan["train"] // 40, 25))
+    per_shard = max(plan["train"] // 40, 25)  # 40 shards: enough for the readers of any stage
+    ensure_shapes(data, n_train=plan["train"], n_val=plan["val"], samples_per_shard=per_shard)
     times = {"data": time.perf_counter() - t}
     shards = [
         "data.prepare=null",
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("\n=== caching latents and text embeddings of the train split", flush=True)
     t = time.perf_counter()
-    latents = cache_latents(runs, data, out / "latents", out / "latents.log")
+    latents = cache_latents(runs, data, out / "latents", out / "latents.log", per_shard)
     times["latents"] = time.perf_counter() - t
     ldm = [
         *(o for o in shards if not o.startswith("data.train.urls=")),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning_fabric.plugins import CheckpointIO, ClusterEnvironment
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -127,10 +128,21 @@ def _link_latest(output_dir: Path) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except UserError as error:
+    except Exception as error:
         # Input or configuration that cannot work: one clear line, no stack trace.
-        print(f"error: {error}", file=sys.stderr)
+        user_error = _user_error(error)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def _user_error(error: BaseException) -> UserError | None:
+    """The :class:`UserError` behind ``error``: itself, or its cause when Hydra's instantiate wrapped an error
+    raised in a constructor (a task's or the datamodule's) into an InstantiationException."""
+    while error is not None and not isinstance(error, UserError):
+        error = error.__cause__ if isinstance(error, InstantiationException) else None
+    return error
 
 
 if __name__ == "__main__":
