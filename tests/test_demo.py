@@ -46,7 +46,8 @@ def test_the_fast_demo_runs_end_to_end_and_writes_what_it_promises(tmp_path: Pat
     assert set(report["accuracy"]) >= {"color", "shape", "position", "size"}
     assert all(0 <= value <= 1 for value in report["accuracy"].values())
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["times_s"]) == {"data", "clip", "autoencoder", "ldm", "sample+eval"}
+    assert set(summary["times_s"]) == {"data", "clip", "autoencoder", "latents", "ldm", "sample+eval"}
+    assert sorted(p.name for p in (out / "latents").glob("train-*.tar"))  # the LDM trained on cached latents
     for run in ("clip", "autoencoder", "ldm"):
         assert (out / run / "checkpoints" / "last.ckpt").is_file()
     assert summary["autoencoder"]["val/psnr"] > 12  # it trained (19 dB measured after the 40 fast steps)

@@ -54,6 +54,7 @@ def shapes_clip_on_cpu(shards: Path) -> list[str]:
     """Overrides for a few CPU steps of shapes CLIP on the test's own shards."""
     return [
         "experiment=shapes_clip",
+        "model=clip/tiny",  # a ViT, as in test_multinode: BatchNorm statistics are per rank
         "debug=fast",
         "trainer.accelerator=cpu",
         "data.prepare=null",
