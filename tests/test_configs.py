@@ -153,7 +153,9 @@ def test_strategy_configs_build_lightning_strategies(tmp_path: Path) -> None:
     assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs["gradient_as_bucket_view"] is True
     cfg = compose_config(tmp_path, ["experiment=laion_ldm_sd15", "trainer=fsdp"])
     missing = missing_keys(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]))
-    cfg = compose_config(tmp_path, ["experiment=laion_ldm_sd15", "trainer=fsdp", *[f"{k}={REQUIRED[k]}" for k in missing]])
+    cfg = compose_config(
+        tmp_path, ["experiment=laion_ldm_sd15", "trainer=fsdp", *[f"{k}={REQUIRED[k]}" for k in missing]]
+    )
     fsdp = instantiate(cfg.trainer.strategy)  # built, not launched: FSDP needs GPUs
     assert isinstance(fsdp, FSDPStrategy)
     policy = fsdp.kwargs["auto_wrap_policy"]
