@@ -217,6 +217,18 @@ def test_attn_type_none_drops_the_mid_block_attention() -> None:
         assert model.decode(model.encode(torch.randn(1, 3, 48, 80)).mode()).shape == (1, 3, 48, 80)
 
 
+def test_norm_num_groups_sets_the_groups_and_is_kept_in_the_config() -> None:
+    model = AutoencoderKL.from_config(with_ddconfig(TINY_F4, norm_num_groups=8))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 8 for m in norms)
+    assert model.ddconfig["norm_num_groups"] == 8
+    rebuilt = AutoencoderKL.from_config({"embed_dim": 3, "ddconfig": model.ddconfig})
+    assert all(m.num_groups == 8 for m in rebuilt.modules() if isinstance(m, torch.nn.GroupNorm))
+    assert "norm_num_groups" not in AutoencoderKL.from_config(TINY_F4).ddconfig  # SD's 32: the released layout
+    with pytest.raises(ConfigError, match="norm_num_groups"):
+        AutoencoderKL.from_config(with_ddconfig(TINY_F4, norm_num_groups=12))
+
+
 def test_sdpa_attention_equals_naive_softmax() -> None:
     torch.manual_seed(0)
     block = AttnBlock(32).eval()

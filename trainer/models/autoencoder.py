@@ -80,24 +80,29 @@ DDCONFIG_KEYS = frozenset(SD_KL_F8["ddconfig"])
 # "none": no attention in the mid blocks (CompVis make_attn's Identity): fully convolutional, so a model trained
 # on crops encodes and decodes larger images the same way (global attention would see more tokens than in training)
 SUPPORTED_ATTN_TYPES = ("vanilla", "vanilla-xformers", "none")
+# ddconfig keys beyond the released ones, with their SD values. norm_num_groups (diffusers' name): GroupNorm's groups.
+# SD has 32 groups over >= 128 channels (4 or more a group); a tiny model with 32 channels would get one channel a
+# group, i.e. InstanceNorm, which removes each channel's mean: a flat image's color then reaches the latents only
+# through the zero padding at the borders. Tiny configs use fewer groups.
+EXTRA_DDCONFIG = {"attn_type": "vanilla", "norm_num_groups": 32}
 # Keys of a released ``first_stage_config.params`` that configure training or loading, not the network.
 IGNORED_PARAMS = frozenset({"lossconfig", "monitor", "ckpt_path", "ignore_keys", "image_key", "colorize_nlabels"})
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """The normalisation used throughout: 32 groups, eps 1e-6, affine."""
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """The normalisation used throughout: 32 groups (SD), eps 1e-6, affine."""
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """GroupNorm -> SiLU -> conv3x3, twice (dropout before the second conv), plus a residual that a
     1x1 ``nin_shortcut`` projects when the channel count changes."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = 32) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
@@ -112,9 +117,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H * W positions, with 1x1-conv projections and a residual."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, groups: int = 32) -> None:
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, kernel_size=1)
         self.k = nn.Conv2d(channels, channels, kernel_size=1)
         self.v = nn.Conv2d(channels, channels, kernel_size=1)
@@ -167,11 +172,11 @@ class Level(nn.Module):
 class MidBlock(nn.Module):
     """ResNet block, attention, ResNet block at the lowest resolution."""
 
-    def __init__(self, channels: int, dropout: float, attention: bool = True) -> None:
+    def __init__(self, channels: int, dropout: float, attention: bool = True, groups: int = 32) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels) if attention else nn.Identity()
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock(channels, groups) if attention else nn.Identity()
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
 
 class _CheckpointedStack(nn.Module):
@@ -208,6 +213,7 @@ class Encoder(_CheckpointedStack):
         dropout: float = 0.0,
         gradient_checkpointing: bool = False,
         mid_attention: bool = True,
+        norm_groups: int = 32,
     ) -> None:
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
@@ -219,16 +225,16 @@ class Encoder(_CheckpointedStack):
             block_out = ch * mult
             blocks, attns = [], []
             for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(block_in, block_out, dropout))
+                blocks.append(ResnetBlock(block_in, block_out, dropout, norm_groups))
                 block_in = block_out
                 if current_resolution in attn_resolutions:
-                    attns.append(AttnBlock(block_in))
+                    attns.append(AttnBlock(block_in, norm_groups))
             is_last = level == len(ch_mult) - 1
             self.down.append(Level(blocks, attns, None if is_last else Downsample(block_in), "downsample"))
             if not is_last:
                 current_resolution //= 2
-        self.mid = MidBlock(block_in, dropout, mid_attention)
-        self.norm_out = group_norm(block_in)
+        self.mid = MidBlock(block_in, dropout, mid_attention, norm_groups)
+        self.norm_out = group_norm(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -264,27 +270,28 @@ class Decoder(_CheckpointedStack):
         dropout: float = 0.0,
         gradient_checkpointing: bool = False,
         mid_attention: bool = True,
+        norm_groups: int = 32,
     ) -> None:
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
         block_in = ch * ch_mult[-1]
         current_resolution = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, padding=1)
-        self.mid = MidBlock(block_in, dropout, mid_attention)
+        self.mid = MidBlock(block_in, dropout, mid_attention, norm_groups)
         levels: list[Level] = []
         for level in reversed(range(len(ch_mult))):
             block_out = ch * ch_mult[level]
             blocks, attns = [], []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, block_out, dropout))
+                blocks.append(ResnetBlock(block_in, block_out, dropout, norm_groups))
                 block_in = block_out
                 if current_resolution in attn_resolutions:
-                    attns.append(AttnBlock(block_in))
+                    attns.append(AttnBlock(block_in, norm_groups))
             levels.insert(0, Level(blocks, attns, Upsample(block_in) if level != 0 else None, "upsample"))
             if level != 0:
                 current_resolution *= 2
         self.up = nn.ModuleList(levels)
-        self.norm_out = group_norm(block_in)
+        self.norm_out = group_norm(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -352,7 +359,7 @@ class AutoencoderKL(nn.Module):
     ) -> None:
         super().__init__()
         ddconfig = dict(ddconfig)
-        unknown = set(ddconfig) - DDCONFIG_KEYS - {"attn_type"}
+        unknown = set(ddconfig) - DDCONFIG_KEYS - set(EXTRA_DDCONFIG)
         missing = DDCONFIG_KEYS - set(ddconfig)
         if unknown or missing:
             raise ConfigError(
@@ -363,11 +370,17 @@ class AutoencoderKL(nn.Module):
             raise ConfigError(f"ddconfig.attn_type {attn_type!r} is not supported; use one of {SUPPORTED_ATTN_TYPES}")
         if not ddconfig["double_z"]:
             raise ConfigError("AutoencoderKL needs ddconfig.double_z=True: the encoder predicts mean and log-variance")
+        norm_groups = ddconfig.pop("norm_num_groups", EXTRA_DDCONFIG["norm_num_groups"])
+        widths = [ddconfig["ch"] * mult for mult in ddconfig["ch_mult"]]
+        if not isinstance(norm_groups, int) or norm_groups < 1 or any(w % norm_groups for w in widths):
+            raise ConfigError(f"ddconfig.norm_num_groups {norm_groups!r} must divide every level's width {widths}")
         self.embed_dim = embed_dim
-        self.ddconfig = ddconfig if attn_type == "vanilla" else {**ddconfig, "attn_type": attn_type}
+        # the keys beyond SD's are kept only when they differ from SD, so SD-like configs stay SD configs
+        extra = {"attn_type": attn_type, "norm_num_groups": norm_groups}
+        self.ddconfig = {**ddconfig, **{k: v for k, v in extra.items() if v != EXTRA_DDCONFIG[k]}}
         shared = {key: ddconfig[key] for key in ("ch", "ch_mult", "num_res_blocks", "z_channels", "resolution")}
         shared.update(attn_resolutions=ddconfig["attn_resolutions"], dropout=ddconfig["dropout"])
-        shared.update(mid_attention=attn_type != "none")
+        shared.update(mid_attention=attn_type != "none", norm_groups=norm_groups)
         self.encoder = Encoder(in_channels=ddconfig["in_channels"], double_z=True, **shared)
         self.decoder = Decoder(out_ch=ddconfig["out_ch"], **shared)
         z_channels = ddconfig["z_channels"]
