@@ -118,7 +118,8 @@ def _link_latest(output_dir: Path) -> None:
     """``<experiment folder>/latest`` names the newest finished run, so later stages can refer to
     ``outputs/shapes_clip/latest/export/clip`` without knowing the timestamp."""
     link = output_dir.parent / "latest"
-    tmp = output_dir.parent / ".latest.tmp"
+    # a name of its own per process: the jobs of a sweep share the parent folder and may finish together
+    tmp = output_dir.parent / f".latest.{os.getpid()}.tmp"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(output_dir.name)
     tmp.replace(link)  # atomic: readers see the old or the new run, never none
