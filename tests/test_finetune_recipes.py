@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from tiny import AE as TINY_VAE
 from trainer.checkpoints import export_vae, read_weights
 from trainer.data.folders import STAMP, cache_dir, ensure_folder_shards
 from trainer.data.photos import load_photo
@@ -58,21 +59,6 @@ TINY_UNET = [
     "model.context_dim=64",
     "model.attention_resolutions=[2]",
 ]
-TINY_VAE = {
-    "embed_dim": 4,
-    "ddconfig": {
-        "double_z": True,
-        "z_channels": 4,
-        "resolution": 32,
-        "in_channels": 3,
-        "out_ch": 3,
-        "ch": 32,
-        "ch_mult": [1, 2],
-        "num_res_blocks": 1,
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    },
-}
 # a few steps on CPU, small images: 64 px shards, 32 px crops
 FAST = [
     "debug=fast",

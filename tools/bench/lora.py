@@ -30,11 +30,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,12 +42,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's trainer, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # workers.py beside this file
+
+from workers import mebibytes, report, run_worker  # noqa: E402
 
 from trainer.models.unet import SD15, UNetModel  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("full", "lora")
-RESULT_PREFIX = "RESULT "
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,7 +108,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+def run_worker_here(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     model = build(args, args.worker).to(device).train()
@@ -159,24 +159,14 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_subprocess(mode: str, argv: list[str]) -> dict[str, Any]:
-    command = [sys.executable, os.path.abspath(__file__), *argv, "--worker", mode]
-    completed = subprocess.run(command, capture_output=True, text=True)
-    if completed.returncode != 0:
-        sys.stderr.write(completed.stdout + completed.stderr)
-        raise SystemExit(f"the {mode} worker failed (exit status {completed.returncode})")
-    lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    return json.loads(lines[-1][len(RESULT_PREFIX) :])
-
-
-def mebibytes(count: float) -> str:
-    return f"{count / 2**20:,.0f}"
+    return run_worker(os.path.abspath(__file__), [*argv, "--worker", mode], mode)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.worker:
-        print(RESULT_PREFIX + json.dumps(run_worker(args)), flush=True)
+        report(run_worker_here(args))
         return 0
     memory_kind = "CUDA allocated" if torch.device(args.device).type == "cuda" else "RSS"
     print(

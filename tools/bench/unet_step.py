@@ -58,12 +58,10 @@ import argparse
 import contextlib
 import copy
 import importlib.util
-import json
 import os
 import re
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,6 +73,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's trainer, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # workers.py beside this file
+
+from workers import mebibytes, report, run_worker  # noqa: E402
 
 from trainer.models.unet import SD15, UNetModel  # noqa: E402
 
@@ -84,7 +85,6 @@ DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float1
 # Relative max error allowed between the two models' outputs (random weights; bf16 rounding compounds over depth).
 OUTPUT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-1, torch.float16: 2e-2}
 H100_BF16_DENSE_TFLOPS = 989.0
-RESULT_PREFIX = "RESULT "
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -319,7 +319,7 @@ class Stepper:
         return time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+def run_worker_here(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cuda":
@@ -404,24 +404,14 @@ def count_flops(stepper: Stepper, args: argparse.Namespace) -> int:
 
 
 def run_subprocess(worker: str, argv: list[str], weights: str) -> dict[str, Any]:
-    command = [sys.executable, os.path.abspath(__file__), *argv, "--worker", worker, "--weights", weights]
-    completed = subprocess.run(command, capture_output=True, text=True)
-    if completed.returncode != 0:
-        sys.stderr.write(completed.stdout + completed.stderr)
-        raise SystemExit(f"the {worker} worker failed (exit status {completed.returncode})")
-    lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    return json.loads(lines[-1][len(RESULT_PREFIX) :])
-
-
-def mebibytes(count: float) -> str:
-    return f"{count / 2**20:,.0f}"
+    return run_worker(os.path.abspath(__file__), [*argv, "--worker", worker, "--weights", weights], worker)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.worker:
-        print(RESULT_PREFIX + json.dumps(run_worker(args)), flush=True)
+        report(run_worker_here(args))
         return 0
 
     device = torch.device(args.device)
