@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from conftest import REPO
+from tiny import AE as TINY_AE
 from trainer.data import Buckets, ImageTransform, ShardDataset, ShardLoader, ShardWriter, generate_buckets
 from trainer.data.buckets import resize_and_crop
 from trainer.datamodule import ShardDataModule
@@ -254,21 +255,7 @@ def test_cached_latents_of_several_shapes_are_batched_by_shape(tmp_path: Path) -
 
 # -- models and tasks on non-square images ----------------------------------------------------------------------------
 
-AE = {
-    "embed_dim": 4,
-    "ddconfig": {
-        "double_z": True,
-        "z_channels": 4,
-        "resolution": 32,
-        "in_channels": 3,
-        "out_ch": 3,
-        "ch": 32,
-        "ch_mult": [1, 2],
-        "num_res_blocks": 1,
-        "attn_resolutions": [16],  # attention over the (H * W) positions of the lower level
-        "dropout": 0.0,
-    },
-}
+AE = {**TINY_AE, "ddconfig": {**TINY_AE["ddconfig"], "attn_resolutions": [16]}}  # attention over H * W
 UNET = {
     "in_channels": 4,
     "out_channels": 4,
