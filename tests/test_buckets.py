@@ -14,6 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from PIL import Image
+from test_resume import take
 from torch import nn
 
 from conftest import REPO
@@ -203,17 +204,6 @@ def loader(shards: Path, num_workers: int, mode: str = "exact") -> ShardLoader:
         num_workers=num_workers,
     )
     return ShardLoader(dataset, num_workers=num_workers)
-
-
-def take(data: ShardLoader, epochs: int, stop_after: int | None = None) -> list[dict]:
-    batches = []
-    for _ in range(epochs):
-        for batch in data:
-            data.mark_consumed(batch)
-            batches.append(batch)
-            if stop_after is not None and len(batches) == stop_after:
-                return batches
-    return batches
 
 
 @pytest.mark.parametrize(

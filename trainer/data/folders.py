@@ -100,9 +100,8 @@ def ensure_folder_shards(
             "give a folder of images, each with its caption in a .txt of the same name, or a caption table"
         )
     uncaptioned = [item.source for item in items if not item.caption]
-    if uncaptioned and missing_captions == "error":
-        raise ConfigError(_uncaptioned_message(key, source, uncaptioned, len(items), caption_column))
-    if uncaptioned and missing_captions == "skip" and len(uncaptioned) == len(items):
+    # "skip" with nothing captioned would leave nothing to train on
+    if uncaptioned and (missing_captions == "error" or (missing_captions == "skip" and len(uncaptioned) == len(items))):
         raise ConfigError(_uncaptioned_message(key, source, uncaptioned, len(items), caption_column))
     out = Path(out_dir)
     options = {
