@@ -229,6 +229,19 @@ def test_norm_num_groups_sets_the_groups_and_is_kept_in_the_config() -> None:
         AutoencoderKL.from_config(with_ddconfig(TINY_F4, norm_num_groups=12))
 
 
+def test_norm_num_groups_zero_removes_every_normalization_layer() -> None:
+    model = AutoencoderKL.from_config(with_ddconfig(TINY_F4, norm_num_groups=0))
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    assert not any("norm" in key for key in model.state_dict())
+    assert model.ddconfig["norm_num_groups"] == 0
+    rebuilt = AutoencoderKL.from_config({"embed_dim": 3, "ddconfig": model.ddconfig})
+    assert rebuilt.state_dict().keys() == model.state_dict().keys()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 48))[0].shape == (2, 3, 32, 48)
+    with pytest.raises(ConfigError, match="norm_num_groups"):
+        AutoencoderKL.from_config(with_ddconfig(TINY_F4, norm_num_groups=-1))
+
+
 def test_sdpa_attention_equals_naive_softmax() -> None:
     torch.manual_seed(0)
     block = AttnBlock(32).eval()

@@ -83,14 +83,17 @@ SUPPORTED_ATTN_TYPES = ("vanilla", "vanilla-xformers", "none")
 # ddconfig keys beyond the released ones, with their SD values. norm_num_groups (diffusers' name): GroupNorm's groups.
 # SD has 32 groups over >= 128 channels (4 or more a group); a tiny model with 32 channels would get one channel a
 # group, i.e. InstanceNorm, which removes each channel's mean: a flat image's color then reaches the latents only
-# through the zero padding at the borders. Tiny configs use fewer groups.
+# through the zero padding at the borders. 0: no normalization layers at all (identity): a tiny model on flat-color
+# images (the shapes demo) learns several times faster per step without them (docs/benchmarks.md, "The shapes demo").
 EXTRA_DDCONFIG = {"attn_type": "vanilla", "norm_num_groups": 32}
 # Keys of a released ``first_stage_config.params`` that configure training or loading, not the network.
 IGNORED_PARAMS = frozenset({"lossconfig", "monitor", "ckpt_path", "ignore_keys", "image_key", "colorize_nlabels"})
 
 
-def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
-    """The normalisation used throughout: 32 groups (SD), eps 1e-6, affine."""
+def group_norm(channels: int, groups: int = 32) -> nn.Module:
+    """The normalisation used throughout: 32 groups (SD), eps 1e-6, affine; none (identity) with 0 groups."""
+    if groups == 0:
+        return nn.Identity()
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
@@ -372,8 +375,10 @@ class AutoencoderKL(nn.Module):
             raise ConfigError("AutoencoderKL needs ddconfig.double_z=True: the encoder predicts mean and log-variance")
         norm_groups = ddconfig.pop("norm_num_groups", EXTRA_DDCONFIG["norm_num_groups"])
         widths = [ddconfig["ch"] * mult for mult in ddconfig["ch_mult"]]
-        if not isinstance(norm_groups, int) or norm_groups < 1 or any(w % norm_groups for w in widths):
-            raise ConfigError(f"ddconfig.norm_num_groups {norm_groups!r} must divide every level's width {widths}")
+        if not isinstance(norm_groups, int) or norm_groups < 0 or (norm_groups and any(w % norm_groups for w in widths)):
+            raise ConfigError(
+                f"ddconfig.norm_num_groups {norm_groups!r} must divide every level's width {widths} (0: no normalization)"
+            )
         self.embed_dim = embed_dim
         # the keys beyond SD's are kept only when they differ from SD, so SD-like configs stay SD configs
         extra = {"attn_type": attn_type, "norm_num_groups": norm_groups}
