@@ -17,6 +17,7 @@ from trainer.errors import ConfigError
 from trainer.models.autoencoder import TINY, AutoencoderKL
 from trainer.models.lpips import LPIPS
 from trainer.tasks.autoencoder import AutoencoderTask, adaptive_weight, adopt_weight, hinge_d_loss, psnr
+from trainer.tasks.optimization import warmup_cosine
 
 MODEL = {
     "embed_dim": 4,
@@ -89,6 +90,19 @@ def test_discriminator_starts_at_its_step_and_global_step_counts_batches(photos:
     assert trainer.global_step == 5
     after = task.discriminator.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_scheduler_warms_up_then_decays_the_autoencoder_lr_only(photos: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    schedule = {"warmup_steps": 2, "min_lr_ratio": 0.1}
+    task = AutoencoderTask(MODEL, disc_start=1000, optimizer={"lr": 1e-3}, scheduler=schedule)
+    seen = []
+    task.on_train_batch_start = lambda batch, index: seen.append(task.optimizers()[0].param_groups[0]["lr"])
+    fit(task, photos, tmp_path, steps=6)
+    factor = warmup_cosine(2, 6, 0.1)  # over trainer.max_steps
+    assert seen == pytest.approx([1e-3 * factor(step) for step in range(6)])
+    assert seen[0] < seen[1] and seen[1] == pytest.approx(1e-3) and seen[-1] < seen[3] < seen[2]
+    assert task.optimizers()[1].param_groups[0]["lr"] == 1e-3  # the discriminator's stays constant
 
 
 def test_ema_weights_are_validated_and_exported(photos: Path, tmp_path: Path) -> None:

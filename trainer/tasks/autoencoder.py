@@ -11,7 +11,8 @@ with λ the adaptive weight ||∇_last nll|| / (||∇_last g|| + 1e-4) (clamped 
 
 Two optimizers, stepped through Lightning's manual optimization. The discriminator's step goes
 through the strategy (precision and scaler handled) but not through Lightning's optimizer wrapper,
-so ``trainer.global_step`` counts one step per batch, as in the other stages.
+so ``trainer.global_step`` counts one step per batch, as in the other stages. ``scheduler`` (optional) gives the
+autoencoder's optimizer a warmup-then-cosine learning rate, stepped by hand after each of its steps.
 
 ``trainable="decoder"`` fine-tunes only the decoder side (decoder, post_quant_conv, logvar) of pretrained weights:
 the encoder and quant_conv stay frozen, so latents an LDM was trained on keep their meaning, and the scale factor
@@ -34,7 +35,7 @@ from trainer.data.buckets import require_multiple
 from trainer.errors import ConfigError
 from trainer.models.autoencoder import AutoencoderKL
 from trainer.models.discriminator import PatchDiscriminator
-from trainer.tasks.optimization import ema_multi_avg_fn
+from trainer.tasks.optimization import ema_multi_avg_fn, warmup_cosine
 
 log = logging.getLogger(__name__)
 RECONSTRUCTION = ("l1", "l2")
@@ -81,6 +82,7 @@ class AutoencoderTask(pl.LightningModule):
         disc_channels: int = 64,
         disc_layers: int = 3,
         optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
         grad_clip: float | None = None,
         ema_decay: float | None = None,
         gradient_checkpointing: bool = False,
@@ -173,6 +175,8 @@ class AutoencoderTask(pl.LightningModule):
         self.manual_backward(loss)
         self._clip(opt_ae)
         opt_ae.step()  # counts the global step
+        if self.hparams.scheduler:
+            self.lr_schedulers().step()
 
         if factor > 0:
             logits_real = self.discriminator(images.detach())
@@ -189,7 +193,12 @@ class AutoencoderTask(pl.LightningModule):
         batch_size = len(images)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         self.log_dict(
-            {"train/kl_loss": kl.detach(), "train/nll_loss": nll.detach(), "train/logvar": self.logvar.detach()},
+            {
+                "train/kl_loss": kl.detach(),
+                "train/nll_loss": nll.detach(),
+                "train/logvar": self.logvar.detach(),
+                "train/lr": opt_ae.param_groups[0]["lr"],
+            },
             batch_size=batch_size,
         )
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
@@ -202,7 +211,20 @@ class AutoencoderTask(pl.LightningModule):
         cfg = self.optimizer_cfg
         kwargs = {"lr": cfg["lr"], "betas": tuple(cfg["betas"]), "weight_decay": cfg["weight_decay"]}
         ae_params = [p for p in self.autoencoder.parameters() if p.requires_grad] + [self.logvar]
-        return [torch.optim.AdamW(ae_params, **kwargs), torch.optim.AdamW(self.discriminator.parameters(), **kwargs)]
+        optimizers = [
+            torch.optim.AdamW(ae_params, **kwargs),
+            torch.optim.AdamW(self.discriminator.parameters(), **kwargs),
+        ]
+        if not self.hparams.scheduler:
+            return optimizers  # constant, as CompVis trains
+        # warmup then cosine for the autoencoder's optimizer (stepped by hand in training_step); the discriminator,
+        # which starts late, keeps its constant rate
+        schedule = dict(self.hparams.scheduler)
+        total = schedule.get("total_steps") or self.trainer.max_steps
+        if not total or total < 1:
+            raise ConfigError("task.scheduler needs task.scheduler.total_steps or trainer.max_steps > 0")
+        factor = warmup_cosine(schedule.get("warmup_steps", 0), total, schedule.get("min_lr_ratio", 0.0))
+        return optimizers, [torch.optim.lr_scheduler.LambdaLR(optimizers[0], factor)]
 
     def on_train_end(self) -> None:
         """Export the (EMA) autoencoder in the SD layout: <run folder>/export/autoencoder.safetensors."""
