@@ -59,15 +59,11 @@ SCHEDULES = {
 FIELDS = ("color", "shape", "position", "size")
 
 
-def stage_command(experiment: str, out: Path, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "trainer.train", f"experiment={experiment}", f"hydra.run.dir={out}", *overrides]
-
-
 def _follow(
-    process: subprocess.Popen, sink, prefix: str, lock: threading.Lock, ended: dict, every: float = 15.0
+    process: subprocess.Popen, sink, name: str, prefix: str, lock: threading.Lock, ended: dict, every: float = 15.0
 ) -> None:
     """Copy a stage's output to its log and show it: every line but progress-bar updates, which are shown once
-    every ``every`` seconds (the last 160 characters). Records when the stage ended in ``ended[prefix]``."""
+    every ``every`` seconds (the last 160 characters). Records when the stage ended in ``ended[name]``."""
     shown = 0.0
     for line in process.stdout:
         sink.write(line)
@@ -78,7 +74,7 @@ def _follow(
         with lock:
             print(prefix + line.rstrip()[-160:], flush=True)
     process.wait()
-    ended[prefix] = time.perf_counter()
+    ended[name] = time.perf_counter()
 
 
 def run_stages(
@@ -93,21 +89,22 @@ def run_stages(
     lock, ended = threading.Lock(), {}
     running = []
     for name, (experiment, out, overrides) in stages.items():
-        command = stage_command(experiment, out, overrides)
+        command = [sys.executable, "-m", "trainer.train", f"experiment={experiment}", f"hydra.run.dir={out}"]
+        command += overrides
         print(f"\n=== {experiment}: {' '.join(command[2:])}", flush=True)
         sink = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed below, after the process ends
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
         )
         prefix = f"[{name}] " if len(stages) > 1 else ""
-        reader = threading.Thread(target=_follow, args=(process, sink, prefix, lock, ended), daemon=True)
+        reader = threading.Thread(target=_follow, args=(process, sink, name, prefix, lock, ended), daemon=True)
         reader.start()
-        running.append((name, experiment, process, reader, sink, prefix, time.perf_counter()))
+        running.append((name, experiment, process, reader, sink, time.perf_counter()))
     times, failed = {}, []
-    for name, experiment, process, reader, sink, prefix, started in running:
+    for name, experiment, process, reader, sink, started in running:
         reader.join()
         sink.close()
-        times[name] = ended[prefix] - started
+        times[name] = ended[name] - started
         if process.returncode != 0:
             failed.append(f"stage {experiment} failed (exit {process.returncode}); see {logs / f'{name}.log'}")
     if failed:
