@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import socket
 from pathlib import Path
 
@@ -13,7 +14,14 @@ import torch.nn.functional as F
 
 from trainer.errors import ConfigError
 from trainer.models.clip import build_clip, export_clip, export_clip_checkpoint, load_clip_weights
-from trainer.tasks.clip import CLIPTask, make_loss, no_weight_decay, retrieval_recall
+from trainer.tasks.clip import (
+    CLIPTask,
+    make_loss,
+    no_weight_decay,
+    retrieval_recall,
+    swapped_caption,
+    word_group_pattern,
+)
 from trainer.tasks.optimization import warmup_cosine
 
 TINY = {
@@ -131,6 +139,67 @@ def test_siglip_loss_option_trains_a_step() -> None:
     loss, out = task.contrastive_loss(images, tokens)
     loss.backward()
     assert torch.isfinite(loss) and "logit_bias" in out and task.model.logit_bias.grad is not None
+
+
+SHAPE_WORDS = [["circle", "square", "triangle", "star", "diamond"]]
+
+
+def test_a_hard_negative_swaps_exactly_one_group_word_for_another() -> None:
+    groups = SHAPE_WORDS + [["top left", "top", "left"]]
+    pattern = word_group_pattern(groups)
+    rng = random.Random(0)
+    caption = "a small red Circle in the top left"
+    seen = set()
+    for _ in range(200):
+        negative = swapped_caption(caption, pattern, groups, rng)
+        seen.add(negative)
+        if negative.endswith("top left"):  # the shape was swapped: for one of the four other shapes
+            assert negative[: len("a small red ")] == "a small red " and negative[-16:] == " in the top left"
+            assert negative[len("a small red ") : -16] in {"square", "triangle", "star", "diamond"}
+        else:  # the phrase "top left" (matched whole, not as "top") became "top" or "left"
+            assert negative in {"a small red Circle in the top", "a small red Circle in the left"}
+    assert len(seen) == 6
+    assert swapped_caption("a blue circles and stars", pattern, groups, rng) is None  # whole words only
+    assert swapped_caption("an apple", pattern, groups, rng) is None
+
+
+def test_hard_negative_term_is_a_two_way_softmax_of_caption_against_its_swap() -> None:
+    task = CLIPTask(MODEL, hard_negatives={"word_groups": SHAPE_WORDS, "weight": 0.5})
+    captions = ["a red circle", "no shape here", "a blue star"]
+    images, _ = inputs(3)
+    tokens = task.tokenizer(captions)
+    out = task.model(images, tokens)
+    loss, accuracy = task.hard_negative_loss(captions, out)
+    # the same draws, by hand: the second caption has no group word and is left out
+    rng = random.Random("hard-negatives/0/0")
+    negatives = [swapped_caption(c, task.hard_negatives["pattern"], SHAPE_WORDS, rng) for c in captions]
+    assert negatives[1] is None and negatives[0] != captions[0] and negatives[2] != captions[2]
+    with torch.no_grad():
+        negative = F.normalize(task.model.encode_text(task.tokenizer([negatives[0], negatives[2]])), dim=-1)
+        image, text = out["image_features"][[0, 2]], out["text_features"][[0, 2]]
+        scale = out["logit_scale"]
+        pos, neg = scale * (image * text).sum(-1), scale * (image * negative).sum(-1)
+        expected = -torch.log(torch.exp(pos) / (torch.exp(pos) + torch.exp(neg))).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert accuracy.item() == pytest.approx((pos > neg).float().mean().item())
+    loss.backward()
+    assert any(p.grad is not None for p in task.model.visual.parameters())  # both towers learn from it
+    assert task.model.token_embedding.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"word_groups": [["circle"]]},
+        {"word_groups": ["circle", "square"]},
+        {"word_groups": [["circle", "square"]], "weight": 0},
+        {"word_groups": [["circle", "square"], ["square", "star"]]},
+        {"groups": [["circle", "square"]]},
+    ],
+)
+def test_bad_hard_negative_configs_are_refused_with_the_key_named(spec) -> None:
+    with pytest.raises(ConfigError, match="task.hard_negatives"):
+        CLIPTask(MODEL, hard_negatives=spec)
 
 
 # -- distributed correctness: 2 processes with gather_with_grad == 1 process on the whole batch ---

@@ -375,7 +375,11 @@ class AutoencoderKL(nn.Module):
             raise ConfigError("AutoencoderKL needs ddconfig.double_z=True: the encoder predicts mean and log-variance")
         norm_groups = ddconfig.pop("norm_num_groups", EXTRA_DDCONFIG["norm_num_groups"])
         widths = [ddconfig["ch"] * mult for mult in ddconfig["ch_mult"]]
-        if not isinstance(norm_groups, int) or norm_groups < 0 or (norm_groups and any(w % norm_groups for w in widths)):
+        if (
+            not isinstance(norm_groups, int)
+            or norm_groups < 0
+            or (norm_groups and any(w % norm_groups for w in widths))
+        ):
             raise ConfigError(
                 f"ddconfig.norm_num_groups {norm_groups!r} must divide every level's width {widths} (0: no normalization)"
             )

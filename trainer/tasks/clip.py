@@ -2,13 +2,15 @@
 
 The model, tokenizer and losses are open_clip's; this module adds what training needs around them:
 parameter groups without weight decay on gains, biases, embeddings and the logit scale, warmup then
-cosine, tower locking, the logit-scale clamp, and evaluation on held-out shards (retrieval recall@k,
-zero-shot classification).
+cosine, tower locking, the logit-scale clamp, hard-negative captions (NegCLIP-style word swaps), and evaluation
+on held-out shards (retrieval recall@k, zero-shot classification).
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,49 @@ def make_loss(kind: str, local_loss: bool, gather_with_grad: bool, rank: int, wo
     raise ConfigError(f"task.loss must be one of {LOSSES}, got {kind!r}")
 
 
+def swapped_caption(
+    caption: str, pattern: re.Pattern, groups: Sequence[Sequence[str]], rng: random.Random
+) -> str | None:
+    """``caption`` with one word of a group (say the shape "circle") replaced by another word of the same group
+    ("star"): a hard negative that differs from the caption in that attribute only. The word is drawn among the
+    group words the caption holds; None when it holds none. ``pattern`` is :func:`word_group_pattern`'s."""
+    found = list(pattern.finditer(caption))
+    if not found:
+        return None
+    match = rng.choice(found)
+    word = match.group(0).lower()
+    group = next(g for g in groups if word in g)
+    other = rng.choice([w for w in group if w != word])
+    return caption[: match.start()] + other + caption[match.end() :]
+
+
+def word_group_pattern(groups: Sequence[Sequence[str]]) -> re.Pattern:
+    """A case-insensitive regex for any word (or phrase) of ``groups``, longest first ("top left" before "top")."""
+    words = sorted({w for g in groups for w in g}, key=len, reverse=True)
+    return re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+
+
+def _hard_negative_spec(spec: Any) -> dict | None:
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping) or set(spec) - {"word_groups", "weight"}:
+        raise ConfigError(f"task.hard_negatives must be null or {{word_groups: [[...], ...], weight: w}}, got {spec!r}")
+    groups = spec.get("word_groups")
+    if not groups or any(isinstance(g, str) or len(set(g)) < 2 for g in groups):
+        raise ConfigError(
+            "task.hard_negatives.word_groups must be a list of word lists, each with at least two different words "
+            f"(e.g. [[circle, square, triangle]]), got {groups!r}"
+        )
+    weight = float(spec.get("weight", 1.0))
+    if weight <= 0:
+        raise ConfigError(f"task.hard_negatives.weight must be > 0, got {weight}")
+    lowered = [[str(w).lower() for w in g] for g in groups]
+    seen = [w for g in lowered for w in g]
+    if len(seen) != len(set(seen)):
+        raise ConfigError(f"task.hard_negatives.word_groups: a word is in more than one group: {groups!r}")
+    return {"groups": lowered, "weight": weight, "pattern": word_group_pattern(lowered)}
+
+
 def _zero_shot_spec(spec: Any) -> dict[str, dict]:
     if spec is None:
         return {}
@@ -88,6 +133,7 @@ class CLIPTask(pl.LightningModule):
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
         zero_shot: Any = None,
+        hard_negatives: Mapping[str, Any] | None = None,
         retrieval_ks: Sequence[int] = (1, 5, 10),
         export: bool = True,
     ):
@@ -107,6 +153,7 @@ class CLIPTask(pl.LightningModule):
         self.optimizer_cfg = {"lr": 5e-4, "weight_decay": 0.2, "betas": (0.9, 0.98), "eps": 1e-6, **(optimizer or {})}
         self.scheduler_cfg = {"warmup_steps": 0, "total_steps": None, "min_lr_ratio": 0.0, **(scheduler or {})}
         self.zero_shot = _zero_shot_spec(zero_shot)
+        self.hard_negatives = _hard_negative_spec(hard_negatives)
         self.retrieval_ks = tuple(retrieval_ks)
         self.loss_fn: torch.nn.Module | None = None
         self._val_outputs: list[dict] = []
@@ -128,7 +175,34 @@ class CLIPTask(pl.LightningModule):
         batch_size = len(batch["image"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/logit_scale", out["logit_scale"].detach().float(), batch_size=batch_size)
+        if self.hard_negatives is not None:
+            negative_loss, accuracy = self.hard_negative_loss(batch["caption"], out)
+            loss = loss + self.hard_negatives["weight"] * negative_loss
+            self.log("train/hard_negative_loss", negative_loss, batch_size=batch_size)
+            self.log("train/hard_negative_accuracy", accuracy, batch_size=batch_size)
         return loss
+
+    def hard_negative_loss(self, captions: Sequence[str], out: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """NegCLIP's hard negatives (Yuksekgonul et al., 2023), as a term of their own: each image scores its
+        caption against the caption with one group word swapped (``swapped_caption``), a two-way softmax at
+        the model's temperature. The in-batch loss alone rarely needs an attribute whose words never decide
+        between two captions of a batch (on the shapes data color and position already tell 64 captions
+        apart, so nothing teaches shape); this term does. Local to each rank; the swaps are seeded by the
+        step and rank, so a resumed run draws the same ones. Returns (loss, accuracy: how often the
+        image already prefers its own caption)."""
+        spec = self.hard_negatives
+        rng = random.Random(f"hard-negatives/{self.global_step}/{self.global_rank}")
+        pairs = [(i, swapped_caption(c, spec["pattern"], spec["groups"], rng)) for i, c in enumerate(captions)]
+        pairs = [(i, negative) for i, negative in pairs if negative is not None]
+        if not pairs:
+            zero = out["logit_scale"].new_zeros(())
+            return zero, zero
+        index = torch.tensor([i for i, _ in pairs], device=self.device)
+        negative = F.normalize(self.model.encode_text(self.tokenizer([n for _, n in pairs]).to(self.device)), dim=-1)
+        image, text = out["image_features"][index], out["text_features"][index]
+        scores = torch.stack([(image * text).sum(-1), (image * negative).sum(-1)], dim=1) * out["logit_scale"]
+        target = torch.zeros(len(index), dtype=torch.long, device=self.device)
+        return F.cross_entropy(scores.float(), target), (scores[:, 0] > scores[:, 1]).float().mean()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         with torch.no_grad():  # keep the temperature in range, as open_clip does after each step
