@@ -112,6 +112,7 @@ def test_ema_weights_are_validated_and_exported(photos: Path, tmp_path: Path) ->
     trained = task.autoencoder.state_dict()
     ema = task.ema.module.state_dict()
     assert any(not torch.equal(trained[k], ema[k]) for k in trained)
+    assert not any(p.requires_grad for p in task.ema.parameters())  # DDP refuses parameters the loss never used
     exported = tmp_path / "export" / "autoencoder.safetensors"
     state, metadata = read_weights(exported)
     assert all(torch.equal(state[k], ema[k]) for k in ema)

@@ -133,6 +133,7 @@ def test_training_steps_validation_grid_ema_and_export(stages: Path, tmp_path: P
     assert (tmp_path / "images" / "samples_00000003.png").is_file()
     trained, ema = task.unet.state_dict(), task.ema_unet.module.state_dict()
     assert any(not torch.equal(trained[k], ema[k]) for k in trained)
+    assert not any(p.requires_grad for p in task.ema_unet.parameters())  # DDP refuses parameters the loss never used
     with safe_open(str(tmp_path / "export" / "ldm.safetensors"), "pt") as f:
         keys = set(f.keys())
         assert float(f.metadata()["scale_factor"]) == 0.5

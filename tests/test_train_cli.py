@@ -74,20 +74,23 @@ def test_two_process_ddp_on_cpu(tmp_path: Path) -> None:
     assert any(r.get("val/samples") == "16.0" for r in rows)
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_the_three_shapes_stages_chain_through_the_cli(tmp_path: Path) -> None:
     """shapes_clip -> shapes_autoencoder -> shapes_ldm with debug=fast: the LDM finds the earlier
-    stages' exports through outputs/<name>/latest, as the experiment configs name them."""
+    stages' exports through outputs/<name>/latest, as the experiment configs name them. The two stages
+    with an EMA train in 2-process DDP (an EMA copy that asked for gradients stopped DDP)."""
     common = [
         "debug=fast",
         f"paths.root_dir={tmp_path}",
         "data.prepare.n_train=400",
         "data.prepare.n_val=64",
-        "data.prepare.samples_per_shard=100",
+        "data.prepare.samples_per_shard=32",  # two val shards: one per DDP rank
     ]
     for experiment in ("shapes_clip", "shapes_autoencoder", "shapes_ldm"):
+        ddp = [] if experiment == "shapes_clip" else ["trainer.devices=2", "trainer.strategy=ddp", "data.num_workers=1"]
         result = subprocess.run(
-            [sys.executable, "-m", "trainer.train", f"experiment={experiment}", *common],
+            [sys.executable, "-m", "trainer.train", f"experiment={experiment}", *common, *ddp],
             cwd=tmp_path,
             capture_output=True,
             text=True,
@@ -100,3 +103,20 @@ def test_the_three_shapes_stages_chain_through_the_cli(tmp_path: Path) -> None:
     assert (exports / "shapes_autoencoder" / "latest" / "export" / "autoencoder.safetensors").is_file()
     assert (exports / "shapes_ldm" / "latest" / "export" / "ldm.safetensors").is_file()
     assert list((exports / "shapes_ldm" / "latest" / "images").glob("samples_*.png"))
+
+
+def test_the_autoencoder_gets_ddp_unused_parameter_detection_and_clip_does_not() -> None:
+    from trainer.tasks.autoencoder import AutoencoderTask
+    from trainer.tasks.clip import CLIPTask
+    from trainer.train import _unused_parameter_detection
+
+    for task_class, expected in ((AutoencoderTask, True), (CLIPTask, False)):
+        task = task_class.__new__(task_class)  # the class attribute is all that is read
+        plain = {"strategy": "ddp"}
+        configured = {"strategy": {"_target_": "pytorch_lightning.strategies.DDPStrategy", "static_graph": False}}
+        single = {"strategy": "auto"}
+        for cfg in (plain, configured, single):
+            _unused_parameter_detection(task, cfg)
+        assert plain["strategy"] == ("ddp_find_unused_parameters_true" if expected else "ddp")
+        assert configured["strategy"].get("find_unused_parameters", False) is expected
+        assert single["strategy"] == "auto"

@@ -68,6 +68,10 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class AutoencoderTask(pl.LightningModule):
+    # the generator step leaves the discriminator without gradients (all of it before disc_start) and the
+    # discriminator step the autoencoder: under DDP, trainer.train turns on unused-parameter detection
+    ddp_find_unused_parameters = True
+
     def __init__(
         self,
         model: Mapping[str, Any],
@@ -124,11 +128,10 @@ class AutoencoderTask(pl.LightningModule):
             self.lpips = LPIPS(lpips_weights)
         elif perceptual_weight > 0:
             log.warning("no LPIPS weights given (task.lpips_weights): training without the perceptual loss")
-        self.ema = (
-            AveragedModel(self.autoencoder, multi_avg_fn=ema_multi_avg_fn(ema_decay), use_buffers=True)
-            if ema_decay
-            else None
-        )
+        self.ema: AveragedModel | None = None
+        if ema_decay:  # averaged, never trained: no gradients (DDP would stop on parameters the loss never used)
+            self.ema = AveragedModel(self.autoencoder, multi_avg_fn=ema_multi_avg_fn(ema_decay), use_buffers=True)
+            self.ema.requires_grad_(False)
         # 1 / std of the latents (SD's 0.18215): measured on validation data, saved with the checkpoint; with a
         # frozen encoder, the one stored with the pretrained weights is kept (measured when they store none)
         self.register_buffer("scale_factor", torch.tensor(1.0))

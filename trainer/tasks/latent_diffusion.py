@@ -243,11 +243,14 @@ class LatentDiffusionTask(pl.LightningModule):
         """An EMA of the UNet. Under LoRA it averages only what trains: its copy of the UNet shares the frozen base
         parameters with the UNet itself (no second copy in memory; one in checkpoints), and the update skips them."""
         if not self.lora_specs:
-            return AveragedModel(self.unet, multi_avg_fn=ema_multi_avg_fn(decay), use_buffers=True)
-        ema = AveragedModel(torch.nn.Identity(), multi_avg_fn=_ema_of_unshared(decay), use_buffers=True)
-        frozen = {id(p): p for p in self.unet.parameters() if not p.requires_grad}
-        ema.module = copy.deepcopy(self.unet, memo=frozen)  # what AveragedModel does, minus the frozen copies
-        return ema
+            ema = AveragedModel(self.unet, multi_avg_fn=ema_multi_avg_fn(decay), use_buffers=True)
+        else:
+            ema = AveragedModel(torch.nn.Identity(), multi_avg_fn=_ema_of_unshared(decay), use_buffers=True)
+            frozen = {id(p): p for p in self.unet.parameters() if not p.requires_grad}
+            ema.module = copy.deepcopy(self.unet, memo=frozen)  # what AveragedModel does, minus the frozen copies
+        # averaged, never trained: a copy that asked for gradients would stop DDP ("parameters that were not
+        # used in producing the loss")
+        return ema.requires_grad_(False)
 
     # -- training ---------------------------------------------------------------------------------
 
