@@ -39,7 +39,7 @@ from trainer.data.shapes import ensure_shapes, make_caption, sample_attributes
 SCHEDULES = {
     "full": {
         "clip": (400, 200),
-        "autoencoder": (3600, 1200),
+        "autoencoder": (7200, 2400),
         "ldm": (1400, 700),
         "train": 20000,
         "val": 1000,
