@@ -373,11 +373,28 @@ def test_from_config_accepts_released_params() -> None:
         ({"num_head_channels": -1}, "num_heads or num_head_channels"),
         ({"num_head_channels": 24}, "does not divide"),
         ({"num_res_blocks": [1, 1, 1]}, "one count per level"),
+        ({"norm_num_groups": 7}, "norm_num_groups=7 does not divide"),
+        ({"norm_num_groups": 0}, "norm_num_groups must be >= 1"),
     ],
 )
 def test_from_config_rejects_what_it_cannot_build(changes: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         UNetModel.from_config(TINY | changes)
+
+
+def test_norm_num_groups_sets_every_group_norm_and_keeps_the_layout() -> None:
+    default, fewer = UNetModel(**TINY), UNetModel(**TINY | {"norm_num_groups": 8})
+    norms = [m for m in fewer.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 8 for m in norms)
+    assert all(m.num_groups == 32 for m in default.modules() if isinstance(m, torch.nn.GroupNorm))
+    # the same parameters (a released checkpoint loads into either): only the normalization differs
+    assert {k: v.shape for k, v in default.state_dict().items()} == {k: v.shape for k, v in fewer.state_dict().items()}
+    with torch.no_grad():  # a non-zero output layer, so the normalization shows in the output
+        torch.nn.init.normal_(default.out[-1].weight)
+    fewer.load_state_dict(default.state_dict())
+    x, t, context = inputs(TINY)
+    with torch.no_grad():
+        assert not torch.allclose(default.eval()(x, t, context), fewer.eval()(x, t, context))
 
 
 def test_from_config_requires_context_dim() -> None:

@@ -135,11 +135,13 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """32 groups (eps 1e-5), computed in float32 and cast back to the input dtype: the normalisation of the ResBlocks
-    and of ``out``, whatever dtype the parameters are kept in."""
+    """32 groups (SD; ``groups`` otherwise, eps 1e-5), computed in float32 and cast back to the input dtype: the
+    normalisation of the ResBlocks and of ``out``, whatever dtype the parameters are kept in."""
 
-    def __init__(self, channels: int) -> None:
-        super().__init__(num_groups=32, num_channels=channels)
+    def __init__(self, channels: int, groups: int = 32) -> None:
+        if channels % groups:
+            raise ConfigError(f"norm_num_groups={groups} does not divide the {channels} channels of a GroupNorm")
+        super().__init__(num_groups=groups, num_channels=channels)
 
     def forward(self, x: Tensor) -> Tensor:
         weight, bias = self.weight.float(), self.bias.float()
@@ -151,14 +153,14 @@ class ResBlock(nn.Module):
     dropout -> conv3x3 (zero-initialised), plus a residual that a 1x1 ``skip_connection`` projects when the channel
     count changes."""
 
-    def __init__(self, channels: int, embed_channels: int, out_channels: int, dropout: float) -> None:
+    def __init__(self, channels: int, embed_channels: int, out_channels: int, dropout: float, groups: int = 32) -> None:
         super().__init__()
         self.in_layers = nn.Sequential(
-            GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)
+            GroupNorm32(channels, groups), nn.SiLU(), nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(embed_channels, out_channels))
         self.out_layers = nn.Sequential(
-            GroupNorm32(out_channels),
+            GroupNorm32(out_channels, groups),
             nn.SiLU(),
             nn.Dropout(dropout),
             zero_module(nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)),
@@ -245,11 +247,20 @@ class SpatialTransformer(nn.Module):
     convs on the map (SD 1.x) or, with ``use_linear``, Linears on the sequence (SD 2.x); both compute the same."""
 
     def __init__(
-        self, channels: int, heads: int, head_channels: int, depth: int, context_dim: int, use_linear: bool
+        self,
+        channels: int,
+        heads: int,
+        head_channels: int,
+        depth: int,
+        context_dim: int,
+        use_linear: bool,
+        groups: int = 32,
     ) -> None:
         super().__init__()
         self.use_linear = use_linear
-        self.norm = nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+        if channels % groups:
+            raise ConfigError(f"norm_num_groups={groups} does not divide the {channels} channels of a GroupNorm")
+        self.norm = nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
         if use_linear:
             self.proj_in: nn.Module = nn.Linear(channels, channels)
             self.proj_out: nn.Module = zero_module(nn.Linear(channels, channels))
@@ -343,7 +354,8 @@ class UNetModel(nn.Module):
     takes any multiple of :attr:`downsample_factor`), ``use_fp16`` (use autocast), ``legacy`` (it only changes head
     counts of the AttentionBlock, which is not built here). ``use_spatial_transformer`` defaults to True here (the
     original's default False means its AttentionBlock UNet); False, ``num_classes`` and ``dims`` other than 2 raise
-    ConfigError.
+    ConfigError. ``norm_num_groups`` (default 32, as released UNets) sets the groups of every GroupNorm: a small UNet
+    of 32-64 channels has one or two channels per group at 32, each normalized on its own.
     """
 
     def __init__(
@@ -369,6 +381,7 @@ class UNetModel(nn.Module):
         image_size: int | None = None,
         use_fp16: bool = False,
         legacy: bool = True,
+        norm_num_groups: int = 32,
     ) -> None:
         super().__init__()
         del image_size, use_fp16, legacy  # accepted for compatibility with released configs; see the docstring
@@ -400,11 +413,14 @@ class UNetModel(nn.Module):
         self.context_dim = context_dim
         self.channel_mult = tuple(channel_mult)
         self.gradient_checkpointing = use_checkpoint
+        groups = int(norm_num_groups)
+        if groups < 1:
+            raise ConfigError(f"norm_num_groups must be >= 1, got {norm_num_groups}")
 
         def transformer(channels: int) -> SpatialTransformer:
             heads, head_channels = attention_heads(channels, num_heads, num_head_channels)
             return SpatialTransformer(
-                channels, heads, head_channels, transformer_depth, context_dim, use_linear_in_transformer
+                channels, heads, head_channels, transformer_depth, context_dim, use_linear_in_transformer, groups
             )
 
         embed_channels = 4 * model_channels
@@ -419,7 +435,7 @@ class UNetModel(nn.Module):
         channels, factor = model_channels, 1
         for level, mult in enumerate(channel_mult):
             for _ in range(res_blocks[level]):
-                layers: list[nn.Module] = [ResBlock(channels, embed_channels, model_channels * mult, dropout)]
+                layers: list[nn.Module] = [ResBlock(channels, embed_channels, model_channels * mult, dropout, groups)]
                 channels = model_channels * mult
                 if factor in attention_factors:
                     layers.append(transformer(channels))
@@ -431,15 +447,17 @@ class UNetModel(nn.Module):
                 factor *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(channels, embed_channels, channels, dropout),
+            ResBlock(channels, embed_channels, channels, dropout, groups),
             transformer(channels),
-            ResBlock(channels, embed_channels, channels, dropout),
+            ResBlock(channels, embed_channels, channels, dropout, groups),
         )
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for index in range(res_blocks[level] + 1):
-                layers = [ResBlock(channels + skip_channels.pop(), embed_channels, model_channels * mult, dropout)]
+                layers = [
+                    ResBlock(channels + skip_channels.pop(), embed_channels, model_channels * mult, dropout, groups)
+                ]
                 channels = model_channels * mult
                 if factor in attention_factors:
                     layers.append(transformer(channels))
@@ -449,7 +467,9 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            GroupNorm32(channels), nn.SiLU(), zero_module(nn.Conv2d(channels, out_channels, kernel_size=3, padding=1))
+            GroupNorm32(channels, groups),
+            nn.SiLU(),
+            zero_module(nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)),
         )
 
     @classmethod
