@@ -89,19 +89,6 @@ def _plugins(cfg: DictConfig) -> list:
     return plugins
 
 
-def _unused_parameter_detection(task: pl.LightningModule, trainer_cfg: dict) -> None:
-    """Turn on DDP's unused-parameter detection for a task that asks for it (``ddp_find_unused_parameters``):
-    the autoencoder's two optimizer steps each leave the other model without gradients, which plain DDP
-    refuses. Applies to ``trainer.strategy=ddp`` and to a ``DDPStrategy`` config that does not set it."""
-    if not getattr(task, "ddp_find_unused_parameters", False):
-        return
-    strategy = trainer_cfg.get("strategy")
-    if strategy == "ddp":
-        trainer_cfg["strategy"] = "ddp_find_unused_parameters_true"
-    elif isinstance(strategy, dict) and str(strategy.get("_target_", "")).endswith("DDPStrategy"):
-        strategy.setdefault("find_unused_parameters", True)
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job from a composed config; returns the final logged metrics."""
     pl.seed_everything(cfg.seed, workers=True)
@@ -115,7 +102,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [*_instantiate_group(cfg.callbacks), ExactResume()]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg.pop("plugins", None)
-    _unused_parameter_detection(task, trainer_cfg)
     trainer: pl.Trainer = instantiate(
         trainer_cfg, callbacks=callbacks, logger=_instantiate_group(cfg.logger) or False, plugins=_plugins(cfg)
     )

@@ -29,6 +29,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.strategies import DDPStrategy
 from torch.optim.swa_utils import AveragedModel
 
 from trainer.data.buckets import require_multiple
@@ -68,10 +69,6 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class AutoencoderTask(pl.LightningModule):
-    # the generator step leaves the discriminator without gradients (all of it before disc_start) and the
-    # discriminator step the autoencoder: under DDP, trainer.train turns on unused-parameter detection
-    ddp_find_unused_parameters = True
-
     def __init__(
         self,
         model: Mapping[str, Any],
@@ -155,6 +152,16 @@ class AutoencoderTask(pl.LightningModule):
             logs["perceptual_loss"] = perceptual.mean().detach()
         nll = rec / torch.exp(self.logvar) + self.logvar
         return nll.sum() / len(images), logs
+
+    def setup(self, stage: str) -> None:
+        """Under DDP, whichever way it was chosen (``trainer.strategy=ddp``, a ``DDPStrategy`` config, or
+        ``auto`` with several devices, under SLURM or torchrun), turn on unused-parameter detection: the
+        generator step leaves the discriminator without gradients (all of it before ``disc_start``) and the
+        discriminator step the autoencoder, which plain DDP refuses. Lightning wraps the model after this hook;
+        an explicit ``find_unused_parameters`` in the strategy's config is kept."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DDPStrategy):
+            strategy._ddp_kwargs.setdefault("find_unused_parameters", True)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         images = batch["image"]  # (B, C, H, W); H != W with data.buckets
