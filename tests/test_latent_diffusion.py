@@ -145,6 +145,28 @@ def test_training_steps_validation_grid_ema_and_export(stages: Path, tmp_path: P
     assert all(torch.equal(fresh.unet.state_dict()[k], v) for k, v in ema.items())
 
 
+def test_an_export_records_the_unet_norm_groups_and_a_mismatch_is_refused(stages: Path, tmp_path: Path) -> None:
+    """The group count changes no tensor's shape: without the metadata, 8-group weights would load strictly
+    into a 32-group UNet and compute something else."""
+    grouped = LatentDiffusionTask(
+        {**UNET, "norm_num_groups": 8},
+        {"checkpoint": str(stages / "vae.safetensors")},
+        {"source": str(stages / "clip")},
+    )
+    path = grouped.export(tmp_path / "ldm.safetensors")
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["unet_norm_num_groups"] == "8"
+    with pytest.raises(ConfigError, match="norm_num_groups=8"):
+        make_task(stages, pretrained=str(path))  # the tiny UNet's default: 32
+    same = LatentDiffusionTask(
+        {**UNET, "norm_num_groups": 8},
+        {"checkpoint": str(stages / "vae.safetensors")},
+        {"source": str(stages / "clip")},
+        pretrained=str(path),
+    )
+    assert all(torch.equal(same.unet.state_dict()[k], v) for k, v in grouped.unet.state_dict().items())
+
+
 def test_mismatched_pretrained_file_lists_the_keys(stages: Path, tmp_path: Path) -> None:
     from trainer.checkpoints import save_safetensors
 

@@ -416,6 +416,7 @@ class UNetModel(nn.Module):
         groups = int(norm_num_groups)
         if groups < 1:
             raise ConfigError(f"norm_num_groups must be >= 1, got {norm_num_groups}")
+        self.norm_num_groups = groups  # no tensor shape shows it: exports record it in their metadata
 
         def transformer(channels: int) -> SpatialTransformer:
             heads, head_channels = attention_heads(channels, num_heads, num_head_channels)

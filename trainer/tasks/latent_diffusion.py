@@ -197,7 +197,14 @@ class LatentDiffusionTask(pl.LightningModule):
         """Released SD weights (.safetensors, or .ckpt read with weights_only) or one of our checkpoints:
         the UNet from ``model.diffusion_model.``, and the VAE from ``first_stage_model.`` when the
         autoencoder config names no checkpoint of its own."""
-        state, _ = read_weights(path)
+        state, metadata = read_weights(path)
+        trained_groups = metadata.get("unet_norm_num_groups")
+        if trained_groups is not None and int(trained_groups) != self.unet.norm_num_groups:
+            raise ConfigError(
+                f"{path} holds a UNet trained with norm_num_groups={trained_groups}, but this run builds one with "
+                f"{self.unet.norm_num_groups} (the weights would load, and compute something else): set "
+                f"model.norm_num_groups={trained_groups}"
+            )
         load_strict(self.unet, select_prefixed(state, *UNET_PREFIXES), f"UNet weights in {path}")
         if not self.hparams.autoencoder.get("checkpoint") and any(k.startswith("first_stage_model.") for k in state):
             load_strict(self.autoencoder, select_prefixed(state, "first_stage_model."), f"VAE weights in {path}")
@@ -212,6 +219,7 @@ class LatentDiffusionTask(pl.LightningModule):
         tensors = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
         tensors.update({f"first_stage_model.{k}": v for k, v in self.autoencoder.state_dict().items()})
         metadata = {"format": "pt", "scale_factor": repr(self.scale_factor), "objective": self.hparams.objective}
+        metadata["unet_norm_num_groups"] = str(unet.norm_num_groups)  # changes no shape: checked on loading
         return save_safetensors(tensors, path, metadata)
 
     def export_lora(self, path: str | Path) -> Path:
