@@ -195,6 +195,9 @@ def test_hard_negative_term_is_a_two_way_softmax_of_caption_against_its_swap() -
         {"word_groups": [["circle", "square"]], "weight": 0},
         {"word_groups": [["circle", "square"], ["square", "star"]]},
         {"groups": [["circle", "square"]]},
+        {"word_groups": [["circle", "square"]], "weight": None},
+        {"word_groups": [[1], 5]},
+        {"word_groups": [["Circle", "circle"]]},
     ],
 )
 def test_bad_hard_negative_configs_are_refused_with_the_key_named(spec) -> None:

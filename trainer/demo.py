@@ -153,7 +153,8 @@ def held_out_prompts(count: int, seed: int = 10_000) -> list[dict]:
 
 def reconstruction_ceiling(autoencoder_export: Path, count: int) -> dict[str, float]:
     """The shapes evaluator's accuracy on the autoencoder's reconstructions of the held-out prompts' images,
-    drawn by the generator: the most that generated images, which that autoencoder decodes, can score."""
+    drawn by the generator: a reference for the samples, which that autoencoder decodes (they can hardly
+    do better than the autoencoder does on the true images, though nothing forbids it)."""
     import numpy as np
 
     from trainer.checkpoints import load_vae_weights, read_vae_config

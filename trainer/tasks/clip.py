@@ -90,19 +90,21 @@ def _hard_negative_spec(spec: Any) -> dict | None:
     if not isinstance(spec, Mapping) or set(spec) - {"word_groups", "weight"}:
         raise ConfigError(f"task.hard_negatives must be null or {{word_groups: [[...], ...], weight: w}}, got {spec!r}")
     groups = spec.get("word_groups")
-    if not groups or any(isinstance(g, str) or len(set(g)) < 2 for g in groups):
+    valid = isinstance(groups, list | tuple) and groups
+    valid = valid and all(isinstance(g, list | tuple) and all(isinstance(w, str) for w in g) for g in groups)
+    if not valid or any(len({w.lower() for w in g}) < 2 for g in groups):
         raise ConfigError(
             "task.hard_negatives.word_groups must be a list of word lists, each with at least two different words "
             f"(e.g. [[circle, square, triangle]]), got {groups!r}"
         )
-    weight = float(spec.get("weight", 1.0))
-    if weight <= 0:
-        raise ConfigError(f"task.hard_negatives.weight must be > 0, got {weight}")
-    lowered = [[str(w).lower() for w in g] for g in groups]
+    weight = spec.get("weight", 1.0)
+    if not isinstance(weight, int | float) or weight <= 0:
+        raise ConfigError(f"task.hard_negatives.weight must be a number > 0, got {weight!r}")
+    lowered = [list(dict.fromkeys(w.lower() for w in g)) for g in groups]
     seen = [w for g in lowered for w in g]
     if len(seen) != len(set(seen)):
         raise ConfigError(f"task.hard_negatives.word_groups: a word is in more than one group: {groups!r}")
-    return {"groups": lowered, "weight": weight, "pattern": word_group_pattern(lowered)}
+    return {"groups": lowered, "weight": float(weight), "pattern": word_group_pattern(lowered)}
 
 
 def _zero_shot_spec(spec: Any) -> dict[str, dict]:
@@ -173,13 +175,14 @@ class CLIPTask(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, out = self.contrastive_loss(batch["image"], batch["tokens"])
         batch_size = len(batch["image"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/logit_scale", out["logit_scale"].detach().float(), batch_size=batch_size)
         if self.hard_negatives is not None:
             negative_loss, accuracy = self.hard_negative_loss(batch["caption"], out)
-            loss = loss + self.hard_negatives["weight"] * negative_loss
+            self.log("train/contrastive_loss", loss, batch_size=batch_size)
             self.log("train/hard_negative_loss", negative_loss, batch_size=batch_size)
             self.log("train/hard_negative_accuracy", accuracy, batch_size=batch_size)
+            loss = loss + self.hard_negatives["weight"] * negative_loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)  # what is optimized
+        self.log("train/logit_scale", out["logit_scale"].detach().float(), batch_size=batch_size)
         return loss
 
     def hard_negative_loss(self, captions: Sequence[str], out: dict) -> tuple[torch.Tensor, torch.Tensor]:
