@@ -53,7 +53,7 @@ def test_the_fast_demo_runs_end_to_end_and_writes_what_it_promises(tmp_path: Pat
     # each of the two concurrent stages reports its own time, and they overlapped: the total is less than the sum
     assert times["clip"] > 0 and times["autoencoder"] > 0
     assert summary["total_s"] < sum(times.values())
-    # the evaluator on the autoencoder's reconstructions of the same prompts: the ceiling for the samples
+    # the evaluator on the autoencoder's reconstructions of the same prompts: a reference for the samples
     assert set(summary["reconstructions"]) >= {"color", "shape", "position", "size"}
     assert all(0 <= value <= 1 for value in summary["reconstructions"].values())
     assert "its reconstructions read color" in result.stdout

@@ -151,7 +151,7 @@ def held_out_prompts(count: int, seed: int = 10_000) -> list[dict]:
     return prompts
 
 
-def reconstruction_ceiling(autoencoder_export: Path, count: int) -> dict[str, float]:
+def reconstruction_reference(autoencoder_export: Path, count: int) -> dict[str, float]:
     """The shapes evaluator's accuracy on the autoencoder's reconstructions of the held-out prompts' images,
     drawn by the generator: a reference for the samples, which that autoencoder decodes (they can hardly
     do better than the autoencoder does on the true images, though nothing forbids it)."""
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n=== sampling and evaluating held-out prompts", flush=True)
     t = time.perf_counter()
     report = sample_and_evaluate(runs["ldm"] / "checkpoints" / "last.ckpt", out, plan["prompts"], plan["steps"])
-    ceiling = reconstruction_ceiling(runs["autoencoder"] / "export" / "autoencoder.safetensors", plan["prompts"])
+    reference = reconstruction_reference(runs["autoencoder"] / "export" / "autoencoder.safetensors", plan["prompts"])
     times["sample+eval"] = time.perf_counter() - t
 
     clip, autoencoder, diffusion = (last_metrics(runs[k]) for k in ("clip", "autoencoder", "ldm"))
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 autoencoder.get("val/psnr", float("nan")),
                 autoencoder.get("val/ssim", float("nan")),
                 autoencoder.get("val/scale_factor", float("nan")),
-                " ".join(f"{k} {ceiling[k]:.2f}" for k in FIELDS),
+                " ".join(f"{k} {reference[k]:.2f}" for k in FIELDS),
             ),
         ),
         ("latents", times["latents"], "train split encoded once: the LDM stage runs only its UNet"),
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     print("(clip and autoencoder trained at the same time, so the total is less than the sum)")
     summary = {"times_s": times, "total_s": total, "clip": clip, "autoencoder": autoencoder, "ldm": diffusion}
     summary["evaluation"] = report["accuracy"]
-    summary["reconstructions"] = ceiling  # the evaluator on the autoencoder's reconstructions: a ceiling
+    summary["reconstructions"] = reference  # the evaluator on the autoencoder's reconstructions
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return 0
 
