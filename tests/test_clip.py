@@ -20,6 +20,7 @@ from trainer.tasks.clip import (
     no_weight_decay,
     retrieval_recall,
     swapped_caption,
+    swapped_captions,
     word_group_pattern,
 )
 from trainer.tasks.optimization import warmup_cosine
@@ -187,6 +188,40 @@ def test_hard_negative_term_is_a_two_way_softmax_of_caption_against_its_swap() -
     assert task.model.token_embedding.weight.grad is not None
 
 
+def test_swaps_all_scores_the_caption_against_every_other_word_of_its_group() -> None:
+    groups = SHAPE_WORDS + [["big", "small"]]
+    pattern = word_group_pattern(groups)
+    twins = swapped_captions("a big red star", pattern, groups, random.Random(3))
+    assert twins in (
+        ["a big red circle", "a big red square", "a big red triangle", "a big red diamond"],
+        ["a small red star"],  # the word is drawn first, then every other word of its group
+    )
+    assert swapped_captions("an apple", pattern, groups, random.Random(0)) == []
+
+    task = CLIPTask(MODEL, hard_negatives={"word_groups": groups, "weight": 1.0, "swaps": "all"})
+    captions = ["a big red circle", "no group word", "a small star", "a blue diamond"]
+    images, _ = inputs(4)
+    out = task.model(images, task.tokenizer(captions))
+    loss, accuracy = task.hard_negative_loss(captions, out)
+    rng = random.Random("hard-negatives/0/0")  # the same draws, by hand: one softmax per caption with a group word
+    losses, correct = [], []
+    with torch.no_grad():
+        for i, caption in enumerate(captions):
+            negatives = swapped_captions(caption, task.hard_negatives["pattern"], groups, rng)
+            if not negatives:
+                continue
+            negative = F.normalize(task.model.encode_text(task.tokenizer(negatives)), dim=-1)
+            image, text = out["image_features"][i], out["text_features"][i]
+            scores = out["logit_scale"] * torch.cat([(image * text).sum()[None], negative @ image])
+            losses.append(-torch.log_softmax(scores, dim=0)[0])
+            correct.append(bool((scores[0] > scores[1:]).all()))
+    assert len(losses) == 3  # "big"/"small" have one twin, shapes four: rows of different widths
+    assert loss.item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+    assert accuracy.item() == pytest.approx(sum(correct) / 3)
+    loss.backward()
+    assert task.model.token_embedding.weight.grad is not None
+
+
 @pytest.mark.parametrize(
     "spec",
     [
@@ -198,6 +233,7 @@ def test_hard_negative_term_is_a_two_way_softmax_of_caption_against_its_swap() -
         {"word_groups": [["circle", "square"]], "weight": None},
         {"word_groups": [[1], 5]},
         {"word_groups": [["Circle", "circle"]]},
+        {"word_groups": [["circle", "square"]], "swaps": "some"},
     ],
 )
 def test_bad_hard_negative_configs_are_refused_with_the_key_named(spec) -> None:

@@ -68,14 +68,25 @@ def swapped_caption(
     """``caption`` with one word of a group (say the shape "circle") replaced by another word of the same group
     ("star"): a hard negative that differs from the caption in that attribute only. The word is drawn among the
     group words the caption holds; None when it holds none. ``pattern`` is :func:`word_group_pattern`'s."""
+    swaps = swapped_captions(caption, pattern, groups, rng, every=False)
+    return swaps[0] if swaps else None
+
+
+def swapped_captions(
+    caption: str, pattern: re.Pattern, groups: Sequence[Sequence[str]], rng: random.Random, every: bool = True
+) -> list[str]:
+    """The hard negatives of ``caption``: one of its group words, drawn at random, replaced by each other word of
+    its group (``every``), or by one of them drawn at random; empty when the caption holds no group word."""
     found = list(pattern.finditer(caption))
     if not found:
-        return None
+        return []
     match = rng.choice(found)
     word = match.group(0).lower()
     group = next(g for g in groups if word in g)
-    other = rng.choice([w for w in group if w != word])
-    return caption[: match.start()] + other + caption[match.end() :]
+    others = [w for w in group if w != word]
+    if not every:
+        others = [rng.choice(others)]
+    return [caption[: match.start()] + other + caption[match.end() :] for other in others]
 
 
 def word_group_pattern(groups: Sequence[Sequence[str]]) -> re.Pattern:
@@ -87,8 +98,10 @@ def word_group_pattern(groups: Sequence[Sequence[str]]) -> re.Pattern:
 def _hard_negative_spec(spec: Any) -> dict | None:
     if spec is None:
         return None
-    if not isinstance(spec, Mapping) or set(spec) - {"word_groups", "weight"}:
-        raise ConfigError(f"task.hard_negatives must be null or {{word_groups: [[...], ...], weight: w}}, got {spec!r}")
+    if not isinstance(spec, Mapping) or set(spec) - {"word_groups", "weight", "swaps"}:
+        raise ConfigError(
+            f"task.hard_negatives must be null or {{word_groups: [[...], ...], weight: w, swaps: one|all}}, got {spec!r}"
+        )
     groups = spec.get("word_groups")
     valid = isinstance(groups, list | tuple) and groups
     valid = valid and all(isinstance(g, list | tuple) and all(isinstance(w, str) for w in g) for g in groups)
@@ -100,11 +113,14 @@ def _hard_negative_spec(spec: Any) -> dict | None:
     weight = spec.get("weight", 1.0)
     if not isinstance(weight, int | float) or weight <= 0:
         raise ConfigError(f"task.hard_negatives.weight must be a number > 0, got {weight!r}")
+    swaps = spec.get("swaps", "one")
+    if swaps not in ("one", "all"):
+        raise ConfigError(f"task.hard_negatives.swaps must be 'one' or 'all', got {swaps!r}")
     lowered = [list(dict.fromkeys(w.lower() for w in g)) for g in groups]
     seen = [w for g in lowered for w in g]
     if len(seen) != len(set(seen)):
         raise ConfigError(f"task.hard_negatives.word_groups: a word is in more than one group: {groups!r}")
-    return {"groups": lowered, "weight": float(weight), "pattern": word_group_pattern(lowered)}
+    return {"groups": lowered, "weight": float(weight), "swaps": swaps, "pattern": word_group_pattern(lowered)}
 
 
 def _zero_shot_spec(spec: Any) -> dict[str, dict]:
@@ -187,25 +203,34 @@ class CLIPTask(pl.LightningModule):
 
     def hard_negative_loss(self, captions: Sequence[str], out: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """NegCLIP's hard negatives (Yuksekgonul et al., 2023), as a term of their own: each image scores its
-        caption against the caption with one group word swapped (``swapped_caption``), a two-way softmax at
-        the model's temperature. The in-batch loss alone rarely needs an attribute whose words never decide
-        between two captions of a batch (on the shapes data color and position already tell 64 captions
-        apart, so nothing teaches shape); this term does. Local to each rank; the swaps are seeded by the
-        step and rank, so a resumed run draws the same ones. Returns (loss, accuracy: how often the
-        image already prefers its own caption)."""
+        caption against its twins with one group word swapped (:func:`swapped_captions`: one twin, or with
+        ``swaps: all`` one per other word of the group), a softmax at the model's temperature. The in-batch
+        loss alone rarely needs an attribute whose words never decide between two captions of a batch (on the
+        shapes data color and position already tell 64 captions apart, so nothing teaches shape); this term
+        does. Local to each rank; the swaps are seeded by the step and rank, so a resumed run draws the same
+        ones. Returns (loss, accuracy: how often the image already scores its own caption above every twin)."""
         spec = self.hard_negatives
         rng = random.Random(f"hard-negatives/{self.global_step}/{self.global_rank}")
-        pairs = [(i, swapped_caption(c, spec["pattern"], spec["groups"], rng)) for i, c in enumerate(captions)]
-        pairs = [(i, negative) for i, negative in pairs if negative is not None]
-        if not pairs:
+        every = spec["swaps"] == "all"
+        rows = [(i, swapped_captions(c, spec["pattern"], spec["groups"], rng, every)) for i, c in enumerate(captions)]
+        rows = [(i, negatives) for i, negatives in rows if negatives]
+        if not rows:
             zero = out["logit_scale"].new_zeros(())
             return zero, zero
-        index = torch.tensor([i for i, _ in pairs], device=self.device)
-        negative = F.normalize(self.model.encode_text(self.tokenizer([n for _, n in pairs]).to(self.device)), dim=-1)
+        index = torch.tensor([i for i, _ in rows], device=self.device)
+        flat = [n for _, negatives in rows for n in negatives]
+        negative = F.normalize(self.model.encode_text(self.tokenizer(flat).to(self.device)), dim=-1)
         image, text = out["image_features"][index], out["text_features"][index]
-        scores = torch.stack([(image * text).sum(-1), (image * negative).sum(-1)], dim=1) * out["logit_scale"]
-        target = torch.zeros(len(index), dtype=torch.long, device=self.device)
-        return F.cross_entropy(scores.float(), target), (scores[:, 0] > scores[:, 1]).float().mean()
+        # (rows, 1 + most twins): the caption's score, then its twins'; groups of fewer words pad with -inf
+        width = max(len(negatives) for _, negatives in rows)
+        row = torch.tensor([r for r, (_, negatives) in enumerate(rows) for _ in negatives], device=self.device)
+        column = torch.tensor([1 + k for _, negatives in rows for k in range(len(negatives))], device=self.device)
+        scores = torch.full((len(rows), 1 + width), float("-inf"), device=self.device)
+        scores = scores.index_put((row, column), ((image[row] * negative).sum(-1) * out["logit_scale"]).float())
+        scores[:, 0] = ((image * text).sum(-1) * out["logit_scale"]).float()
+        target = torch.zeros(len(rows), dtype=torch.long, device=self.device)
+        accuracy = (scores[:, 0:1] > scores[:, 1:]).all(dim=1).float().mean()
+        return F.cross_entropy(scores, target), accuracy
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         with torch.no_grad():  # keep the temperature in range, as open_clip does after each step
