@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from trainer.data import shapes
+from trainer.demo import native_bf16
 
 
 @pytest.mark.slow
@@ -60,4 +62,24 @@ def test_the_fast_demo_runs_end_to_end_and_writes_what_it_promises(tmp_path: Pat
     assert sorted(p.name for p in (out / "latents").glob("train-*.tar"))  # the LDM trained on cached latents
     for run in ("clip", "autoencoder", "ldm"):
         assert (out / run / "checkpoints" / "last.ckpt").is_file()
+    # CLIP and the autoencoder in bf16 where the CPU has it natively, else float32; the LDM in float32
+    assert summary["precision"] == ("bf16-mixed" if native_bf16() else "32-true")
+    for run, precision in (("clip", summary["precision"]), ("autoencoder", summary["precision"]), ("ldm", "32-true")):
+        config = yaml.safe_load((out / run / ".hydra" / "config.yaml").read_text())
+        assert str(config["trainer"].get("precision", "32-true")) == precision
     assert summary["autoencoder"]["val/psnr"] > 12  # it trained (19 dB measured after the 40 fast steps)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("fpu avx2 avx512f avx512_bf16 avx512_vnni", True),
+        ("fpu avx2 amx_bf16 amx_tile", True),
+        ("fpu avx2 avx512f", False),
+    ],
+)
+def test_bf16_is_used_only_where_the_cpu_computes_it_natively(tmp_path: Path, flags: str, expected: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert native_bf16(cpuinfo) is expected
+    assert native_bf16(tmp_path / "missing") is False  # no /proc/cpuinfo (macOS, Windows): float32
