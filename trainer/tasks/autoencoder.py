@@ -263,10 +263,12 @@ class AutoencoderTask(pl.LightningModule):
         posterior = self.eval_autoencoder.encode(images)
         reconstructions = self.eval_autoencoder.decode(posterior.mode()).clamp(-1, 1)
         batch_size = len(images)
-        for name, value in self.quality(images, reconstructions).items():
+        metrics = self.quality(images, reconstructions)
+        if self.lpips is not None:  # in float32 too, as the other metrics
+            with torch.autocast(images.device.type, enabled=False):
+                metrics["lpips"] = self.lpips(images.float(), reconstructions.float()).mean()
+        for name, value in metrics.items():
             self.log(f"val/{name}", value, sync_dist=True, batch_size=batch_size)
-        if self.lpips is not None:
-            self.log("val/lpips", self.lpips(images, reconstructions).mean(), sync_dist=True, batch_size=batch_size)
         seen = sum(len(m) for m in self._latent_moments)
         if seen < self.hparams.scale_factor_samples:
             # one row per image; batches of different buckets have rows of different lengths
