@@ -219,15 +219,17 @@ class CLIPTask(pl.LightningModule):
             return zero, zero
         index = torch.tensor([i for i, _ in rows], device=self.device)
         flat = [n for _, negatives in rows for n in negatives]
-        negative = F.normalize(self.model.encode_text(self.tokenizer(flat).to(self.device)), dim=-1)
-        image, text = out["image_features"][index], out["text_features"][index]
+        # scores in float32: under bf16 autocast the features are bf16, whose logits step by ~0.06 at scale 14
+        negative = F.normalize(self.model.encode_text(self.tokenizer(flat).to(self.device)).float(), dim=-1)
+        image, text = out["image_features"][index].float(), out["text_features"][index].float()
+        scale = out["logit_scale"].float()
         # (rows, 1 + most twins): the caption's score, then its twins'; groups of fewer words pad with -inf
         width = max(len(negatives) for _, negatives in rows)
         row = torch.tensor([r for r, (_, negatives) in enumerate(rows) for _ in negatives], device=self.device)
         column = torch.tensor([1 + k for _, negatives in rows for k in range(len(negatives))], device=self.device)
         scores = torch.full((len(rows), 1 + width), float("-inf"), device=self.device)
-        scores = scores.index_put((row, column), ((image[row] * negative).sum(-1) * out["logit_scale"]).float())
-        scores[:, 0] = ((image * text).sum(-1) * out["logit_scale"]).float()
+        scores = scores.index_put((row, column), (image[row] * negative).sum(-1) * scale)
+        scores[:, 0] = (image * text).sum(-1) * scale
         target = torch.zeros(len(rows), dtype=torch.long, device=self.device)
         accuracy = (scores[:, 0:1] > scores[:, 1:]).all(dim=1).float().mean()
         return F.cross_entropy(scores, target), accuracy
