@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from trainer.data import shapes
-from trainer.demo import native_bf16
+from trainer.demo import native_bf16, stage_precision
 
 
 @pytest.mark.slow
@@ -83,3 +83,6 @@ def test_bf16_is_used_only_where_the_cpu_computes_it_natively(tmp_path: Path, fl
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
     assert native_bf16(cpuinfo) is expected
     assert native_bf16(tmp_path / "missing") is False  # no /proc/cpuinfo (macOS, Windows): float32
+    assert stage_precision("auto", cpuinfo) == ("bf16-mixed" if expected else "32-true")
+    for choice in ("32-true", "bf16-mixed"):  # --precision overrides what the CPU offers
+        assert stage_precision(choice, cpuinfo) == choice

@@ -244,6 +244,14 @@ def native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def stage_precision(choice: str, cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The ``trainer.precision`` of the demo's CLIP and autoencoder stages for ``--precision``: ``auto`` is
+    bf16-mixed on an x86 CPU with native bf16 (:func:`native_bf16`), else 32-true (other CPUs, ARM included)."""
+    if choice != "auto":
+        return choice
+    return "bf16-mixed" if native_bf16(cpuinfo) else "32-true"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/demo", help="where the stages, samples and reports go")
@@ -255,11 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         "--precision",
         choices=("auto", "32-true", "bf16-mixed"),
         default="auto",
-        help="of CLIP and the autoencoder (auto: bf16-mixed where the CPU has native bf16, else 32-true); "
+        help="of CLIP and the autoencoder (auto: bf16-mixed on x86 CPUs with native bf16, else 32-true); "
         "the LDM trains in float32, where bf16 gains nothing on CPU",
     )
     args = parser.parse_args(argv)
-    precision = args.precision if args.precision != "auto" else ("bf16-mixed" if native_bf16() else "32-true")
+    precision = stage_precision(args.precision)
     plan = SCHEDULES["fast" if args.fast else "full"]
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
