@@ -40,7 +40,7 @@ SCHEDULES = {
     "full": {
         "clip": (400, 200),
         "autoencoder": (7200, 2400),
-        "ldm": (1400, 700),
+        "ldm": (2200, 1100),
         "train": 20000,
         "val": 1000,
         "prompts": 64,
