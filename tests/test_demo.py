@@ -20,7 +20,7 @@ from trainer.demo import native_bf16, stage_precision
 def test_the_fast_demo_runs_end_to_end_and_writes_what_it_promises(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "trainer.demo", "--fast", "--out", str(out)],
+        [sys.executable, "-m", "trainer.demo", "--fast", "--out", str(out), "--ldm-steps", "50"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -67,6 +67,11 @@ def test_the_fast_demo_runs_end_to_end_and_writes_what_it_promises(tmp_path: Pat
     for run, precision in (("clip", summary["precision"]), ("autoencoder", summary["precision"]), ("ldm", "32-true")):
         config = yaml.safe_load((out / run / ".hydra" / "config.yaml").read_text())
         assert str(config["trainer"].get("precision", "32-true")) == precision
+    # --ldm-steps replaces the schedule's 60 UNet steps, and the LDM run trained that long
+    assert summary["steps"] == {"clip": 40, "autoencoder": 200, "ldm": 50}
+    ldm_config = yaml.safe_load((out / "ldm" / ".hydra" / "config.yaml").read_text())
+    assert ldm_config["trainer"]["max_steps"] == 50
+    assert summary["ldm"]["step"] == 50 - 1  # the last logged step (Lightning counts from 0)
     assert summary["autoencoder"]["val/psnr"] > 12  # it trained (19 dB measured after the 40 fast steps)
 
 

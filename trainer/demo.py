@@ -266,9 +266,21 @@ def main(argv: list[str] | None = None) -> int:
         help="of CLIP and the autoencoder (auto: bf16-mixed on x86 CPUs with native bf16, else 32-true); "
         "the LDM trains in float32, where bf16 gains nothing on CPU",
     )
+    parser.add_argument(
+        "--ldm-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train the UNet for N steps instead of the schedule's (full: 2200, about 7 minutes on 2 CPU cores); "
+        "the generated shapes need about 8800 (docs/benchmarks.md, 'Sixth round')",
+    )
     args = parser.parse_args(argv)
     precision = stage_precision(args.precision)
-    plan = SCHEDULES["fast" if args.fast else "full"]
+    plan = dict(SCHEDULES["fast" if args.fast else "full"])
+    if args.ldm_steps is not None:
+        if args.ldm_steps < 1:
+            parser.error(f"--ldm-steps must be at least 1, got {args.ldm_steps}")
+        plan["ldm"] = (args.ldm_steps, max(1, args.ldm_steps // 2))  # validated halfway and at the end
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -369,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         "times_s": times,
         "total_s": total,
         "precision": precision,
+        "steps": {stage: plan[stage][0] for stage in ("clip", "autoencoder", "ldm")},
         "clip": clip,
         "autoencoder": autoencoder,
         "ldm": diffusion,
