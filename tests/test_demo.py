@@ -9,18 +9,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 from trainer.data import shapes
-from trainer.demo import native_bf16, stage_precision
+from trainer.demo import main, native_bf16, stage_precision
 
 
 @pytest.mark.slow
 def test_the_fast_demo_runs_end_to_end_and_writes_what_it_promises(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "trainer.demo", "--fast", "--out", str(out), "--ldm-steps", "50"],
+        [sys.executable, "-m", "trainer.demo", "--fast", "--out", str(out), "--ldm-steps", "30"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -68,11 +69,22 @@ def test_the_fast_demo_runs_end_to_end_and_writes_what_it_promises(tmp_path: Pat
         config = yaml.safe_load((out / run / ".hydra" / "config.yaml").read_text())
         assert str(config["trainer"].get("precision", "32-true")) == precision
     # --ldm-steps replaces the schedule's 60 UNet steps, and the LDM run trained that long
-    assert summary["steps"] == {"clip": 40, "autoencoder": 200, "ldm": 50}
+    assert summary["steps"] == {"clip": 40, "autoencoder": 200, "ldm": 30}
     ldm_config = yaml.safe_load((out / "ldm" / ".hydra" / "config.yaml").read_text())
-    assert ldm_config["trainer"]["max_steps"] == 50
-    assert summary["ldm"]["step"] == 50 - 1  # the last logged step (Lightning counts from 0)
-    assert summary["autoencoder"]["val/psnr"] > 12  # it trained (19 dB measured after the 40 fast steps)
+    assert ldm_config["trainer"]["max_steps"] == 30
+    assert summary["ldm"]["step"] == 30 - 1  # the last logged step (Lightning counts from 0)
+    for run, steps in summary["steps"].items():  # what was sampled and evaluated is each stage's last step
+        checkpoint = torch.load(out / run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert checkpoint["global_step"] == steps, run
+    assert summary["autoencoder"]["val/psnr"] > 12  # it trained (19 dB measured after the 200 fast steps)
+
+
+def test_ldm_steps_below_one_are_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--ldm-steps", "0", "--out", str(tmp_path / "demo")])
+    assert exit_info.value.code == 2
+    assert "--ldm-steps must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
 
 
 @pytest.mark.parametrize(

@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         metavar="N",
         help="train the UNet for N steps instead of the schedule's (full: 2200, about 7 minutes on 2 CPU cores); "
-        "the generated shapes need about 8800 (docs/benchmarks.md, 'Sixth round')",
+        "with 8800, generated shape accuracy reaches 0.73 (docs/benchmarks.md, 'Sixth round')",
     )
     args = parser.parse_args(argv)
     precision = stage_precision(args.precision)
@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ldm_steps is not None:
         if args.ldm_steps < 1:
             parser.error(f"--ldm-steps must be at least 1, got {args.ldm_steps}")
-        plan["ldm"] = (args.ldm_steps, max(1, args.ldm_steps // 2))  # validated halfway and at the end
+        # validated halfway (when that is a whole step) and at the end
+        plan["ldm"] = (args.ldm_steps, args.ldm_steps // 2 if args.ldm_steps % 2 == 0 else args.ldm_steps)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -305,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             f"trainer.max_steps={steps}",
             f"trainer.val_check_interval={every}",
             "trainer.check_val_every_n_epoch=null",
+            # checkpoints where it validates, so last.ckpt, which is sampled, holds the last step
+            f"callbacks.checkpoint.every_n_train_steps={every}",
         ]
 
     runs = {name: out / name for name in ("clip", "autoencoder", "ldm")}
