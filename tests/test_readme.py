@@ -31,6 +31,10 @@ COVERAGE: dict[str, tuple[tuple[str, ...], str]] = {
         ("tests/test_demo.py::test_the_fast_demo_runs_end_to_end_and_writes_what_it_promises",),
         "trainer.demo",
     ),
+    "python -m trainer.demo --ldm-steps 8800": (
+        ("tests/test_demo.py::test_the_fast_demo_runs_end_to_end_and_writes_what_it_promises",),
+        "--ldm-steps",
+    ),
     "pip install -e '.[test]' && python -m pytest": ((CI,), "python -m pytest"),
     "python -m trainer.train experiment=shapes_clip model.pretrained=*": (
         ("tests/test_clip.py::test_pretrained_weights_load_from_open_clip_files_and_our_checkpoints",),
