@@ -74,6 +74,7 @@ def test_the_fast_demo_runs_end_to_end_and_writes_what_it_promises(tmp_path: Pat
     assert ldm_config["trainer"]["max_steps"] == 30
     assert summary["ldm"]["step"] == 30 - 1  # the last logged step (Lightning counts from 0)
     for run, steps in summary["steps"].items():  # what was sampled and evaluated is each stage's last step
+        # the file this test's run just wrote; Lightning's checkpoints hold non-tensor state (loops, hparams)
         checkpoint = torch.load(out / run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
         assert checkpoint["global_step"] == steps, run
     assert summary["autoencoder"]["val/psnr"] > 12  # it trained (19 dB measured after the 200 fast steps)
