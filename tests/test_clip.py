@@ -16,8 +16,10 @@ from trainer.errors import ConfigError
 from trainer.models.clip import build_clip, export_clip, export_clip_checkpoint, load_clip_weights
 from trainer.tasks.clip import (
     CLIPTask,
+    MultiPositiveClipLoss,
     make_loss,
     no_weight_decay,
+    positive_pairs,
     retrieval_recall,
     swapped_caption,
     swapped_captions,
@@ -142,6 +144,86 @@ def test_siglip_loss_option_trains_a_step() -> None:
     assert torch.isfinite(loss) and "logit_bias" in out and task.model.logit_bias.grad is not None
 
 
+def test_positive_pairs_are_the_images_that_agree_with_every_attribute_a_caption_names() -> None:
+    images = [
+        {"shape": "circle", "color": "red"},
+        {"shape": "square", "color": "red"},
+        {"shape": "circle", "color": "blue"},
+        {"color": "red"},  # no shape in its json
+    ]
+    captions = [{"shape": "circle"}, {"color": "red"}, {"shape": "circle", "color": "blue"}, {}, {"shape": "star"}]
+    expected = torch.tensor(
+        [
+            # "circle", "red", "blue circle", names nothing, "star"
+            [True, True, False, True, False],
+            [False, True, False, True, False],
+            [True, False, True, True, False],
+            [False, True, False, True, False],
+        ]
+    )
+    assert torch.equal(positive_pairs(images, captions), expected)
+
+
+def _soft_clip_loss_by_hand(image: torch.Tensor, text: torch.Tensor, scale: float, positives: torch.Tensor) -> float:
+    """The multi-positive InfoNCE loss, one row at a time: each row's log-softmax averaged over its positives."""
+    total = 0.0
+    for logits, rows in ((scale * image @ text.T, positives), (scale * text @ image.T, positives.T)):
+        terms = []
+        for row, positive in zip(logits.tolist(), rows.tolist(), strict=True):
+            norm = math.log(sum(math.exp(v) for v in row))
+            chosen = [v - norm for v, p in zip(row, positive, strict=True) if p]
+            terms.append(-sum(chosen) / len(chosen))
+        total += sum(terms) / len(terms) / 2
+    return total
+
+
+def test_multi_positive_loss_is_clip_loss_with_one_positive_and_spreads_the_target_over_several() -> None:
+    generator = torch.Generator().manual_seed(3)
+    image = F.normalize(torch.randn(6, 8, generator=generator), dim=-1)
+    text = F.normalize(torch.randn(6, 8, generator=generator), dim=-1)
+    scale = torch.tensor(7.0)
+    loss = MultiPositiveClipLoss()
+    clip = make_loss("clip", local_loss=False, gather_with_grad=False, rank=0, world_size=1)
+    identity = torch.eye(6, dtype=torch.bool)
+    assert loss(image, text, scale, identity).item() == pytest.approx(clip(image, text, scale).item(), rel=1e-6)
+    several = identity.clone()
+    several[0, 3] = several[3, 0] = several[2, 5] = several[4, 1] = True  # not symmetric: 4 fits caption 1 only
+    assert loss(image, text, scale, several).item() == pytest.approx(
+        _soft_clip_loss_by_hand(image, text, 7.0, several), rel=1e-5
+    )
+
+
+def test_positives_train_a_step_on_shapes_captions_and_bad_values_are_refused() -> None:
+    from trainer.data.shapes import caption_attributes
+
+    task = CLIPTask(MODEL, positives="trainer.data.shapes.caption_attributes")
+    assert task.caption_parser is caption_attributes
+    task.setup("fit")
+    captions = [
+        "a triangle",
+        "a small red triangle in the top left",
+        "a red shape",
+        "a large blue circle in the center",
+    ]
+    metas = [
+        {"shape": "triangle", "color": "blue", "size": "small", "position": "center"},
+        {"shape": "triangle", "color": "red", "size": "small", "position": "top left"},
+        {"shape": "square", "color": "red", "size": "large", "position": "center"},
+        {"shape": "circle", "color": "blue", "size": "large", "position": "center"},
+    ]
+    positives = task.batch_positives(captions, metas)
+    # "a triangle" fits both triangles; "a red shape" both red figures; the full captions their own image only
+    assert positives.sum(dim=0).tolist() == [2, 1, 2, 1] and positives.diagonal().all()
+    images, _ = inputs(4)
+    loss, _ = task.contrastive_loss(images, task.tokenizer(captions), positives)
+    loss.backward()
+    assert torch.isfinite(loss) and task.model.logit_scale.grad is not None
+    with pytest.raises(ConfigError, match="task.positives"):
+        CLIPTask(MODEL, positives="trainer.data.shapes.no_such_function")
+    with pytest.raises(ConfigError, match="loss: clip"):
+        CLIPTask(MODEL, loss="siglip", positives="trainer.data.shapes.caption_attributes")
+
+
 SHAPE_WORDS = [["circle", "square", "triangle", "star", "diamond"]]
 
 
@@ -244,7 +326,7 @@ def test_bad_hard_negative_configs_are_refused_with_the_key_named(spec) -> None:
 # -- distributed correctness: 2 processes with gather_with_grad == 1 process on the whole batch ---
 
 
-def _ddp_rank(rank: int, port: int, images, tokens, queue) -> None:
+def _ddp_rank(rank: int, port: int, images, tokens, positives, queue) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -252,10 +334,14 @@ def _ddp_rank(rank: int, port: int, images, tokens, queue) -> None:
     try:
         model, _ = tiny_clip(seed=0)
         ddp = DistributedDataParallel(model)
-        loss_fn = make_loss("clip", local_loss=True, gather_with_grad=True, rank=rank, world_size=2)
+        if positives is None:
+            loss_fn = make_loss("clip", local_loss=True, gather_with_grad=True, rank=rank, world_size=2)
+        else:  # the whole batch's matrix, as CLIPTask.batch_positives gathers it on every rank
+            loss_fn = MultiPositiveClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=2)
         half = len(images) // 2
         out = ddp(images[rank * half : (rank + 1) * half], tokens[rank * half : (rank + 1) * half])
-        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        extra = [] if positives is None else [positives]
+        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], *extra)
         loss.backward()  # DDP averages the gradients over the two ranks
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
@@ -266,15 +352,22 @@ def _ddp_rank(rank: int, port: int, images, tokens, queue) -> None:
 
 
 @pytest.mark.distributed
-def test_two_rank_loss_and_gradients_equal_one_process_on_the_whole_batch() -> None:
+@pytest.mark.parametrize("multi_positive", [False, True], ids=["clip", "multi-positive"])
+def test_two_rank_loss_and_gradients_equal_one_process_on_the_whole_batch(multi_positive: bool) -> None:
     import torch.multiprocessing as mp
 
     images, tokens = inputs(8, seed=5)
     model, _ = tiny_clip(seed=0)
     out = model(images, tokens)
-    reference = make_loss("clip", local_loss=False, gather_with_grad=False, rank=0, world_size=1)(
-        out["image_features"], out["text_features"], out["logit_scale"]
-    )
+    positives = None
+    if multi_positive:  # positives that cross the ranks' halves, in both directions, and one that is one-way
+        positives = torch.eye(8, dtype=torch.bool)
+        positives[1, 6] = positives[6, 1] = positives[2, 3] = positives[7, 0] = True
+        reference = MultiPositiveClipLoss()(out["image_features"], out["text_features"], out["logit_scale"], positives)
+    else:
+        reference = make_loss("clip", local_loss=False, gather_with_grad=False, rank=0, world_size=1)(
+            out["image_features"], out["text_features"], out["logit_scale"]
+        )
     reference.backward()
 
     with socket.socket() as s:
@@ -282,7 +375,7 @@ def test_two_rank_loss_and_gradients_equal_one_process_on_the_whole_batch() -> N
         port = s.getsockname()[1]
     context = mp.get_context("spawn")
     queue = context.Queue()
-    processes = [context.Process(target=_ddp_rank, args=(r, port, images, tokens, queue)) for r in range(2)]
+    processes = [context.Process(target=_ddp_rank, args=(r, port, images, tokens, positives, queue)) for r in range(2)]
     for p in processes:
         p.start()
     results = dict((rank, (loss, grads)) for rank, loss, grads in (queue.get(timeout=180) for _ in processes))

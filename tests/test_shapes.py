@@ -259,3 +259,65 @@ def test_parse_caption_reads_back_every_template() -> None:
             assert parsed == {key: attributes[key] for key in ("size", "color", "shape", "position")}
     assert shapes.parse_caption("a red circle") is None  # no size, no position
     assert shapes.parse_caption("a large red or blue circle in the center") is None  # two colors
+
+
+def test_caption_attributes_reads_what_a_caption_names_and_no_more() -> None:
+    for index in range(300):
+        attributes = shapes.sample_attributes(random.Random(index))
+        for template, wording in enumerate(shapes.CAPTION_TEMPLATES):
+            named = shapes.caption_attributes(shapes.make_caption(attributes, template))
+            expected = {key: attributes[key] for key in ("size", "color", "shape", "position")}
+            if "{background}" in wording:
+                expected["background"] = attributes["background"]
+            assert named == expected, wording
+    assert shapes.caption_attributes("a triangle") == {"shape": "triangle"}
+    assert shapes.caption_attributes("a shape in the top center") == {"position": "top center"}
+    assert shapes.caption_attributes("an orange shape on a light gray background") == {
+        "color": "orange",
+        "background": "light gray",
+    }
+    assert shapes.caption_attributes("a red or blue circle") == {"shape": "circle"}  # two colors: no color
+
+
+def test_attribute_captions_name_one_attribute_at_the_rates_asked_and_are_read_back(tmp_path: Path) -> None:
+    transform = shapes.AttributeCaptions(shape=0.5, position=0.25)
+    rng = random.Random(0)
+    counts = {"shape": 0, "position": 0, "kept": 0}
+    for index in range(2000):
+        attributes = shapes.sample_attributes(random.Random(index))
+        caption = shapes.make_caption(attributes, 0)
+        new = transform(caption, attributes, rng)
+        named = shapes.caption_attributes(new)
+        if new == caption:
+            counts["kept"] += 1
+        else:
+            (name,) = named  # exactly one attribute, and the sample's own value
+            assert named[name] == attributes[name]
+            counts[name] += 1
+    assert abs(counts["shape"] / 2000 - 0.5) < 0.04 and abs(counts["position"] / 2000 - 0.25) < 0.04
+    # in the pipeline: training samples get them, deterministically per sample
+    shapes.write_split(tmp_path, "train", 40, size=24, samples_per_shard=10, workers=1)
+
+    def captions() -> dict[str, str]:
+        dataset = ShardDataset(
+            str(tmp_path / "train.manifest.json"),
+            batch_size=8,
+            mode="exact",
+            transform=ImageTransform(size=24, normalize="none"),
+            caption_transform=shapes.AttributeCaptions(shape=1.0),
+        )
+        return {k: c for batch in dataset for k, c in zip(batch["key"], batch["caption"], strict=True)}
+
+    first = captions()
+    assert first == captions() and len(first) == 40
+    assert all(re.fullmatch(r"an? (circle|square|triangle|star|diamond)", c) for c in first.values())
+    for bad in ({"shape": 1.5}, {"shape": 0.7, "color": 0.7}):
+        with pytest.raises(ValueError, match="AttributeCaptions"):
+            shapes.AttributeCaptions(**bad)
+    with pytest.raises(ValueError, match="needs the sample's json"):
+        shapes.AttributeCaptions(color=1.0)("a caption", {"shape": "star"}, random.Random(0))
+    from trainer.datamodule import ShardDataModule
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.caption_transform must be a callable"):
+        ShardDataModule(train={"urls": str(tmp_path / "train.manifest.json")}, caption_transform="shape: 0.3")

@@ -55,6 +55,7 @@ class ShardDataModule(pl.LightningDataModule):
         prepare: Callable[[], Any] | None = None,
         tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
         buckets: Mapping[str, Any] | None = None,
+        caption_transform: Callable[[str, dict, Any], str] | None = None,
     ):
         super().__init__()
         if "urls" not in train:
@@ -81,6 +82,12 @@ class ShardDataModule(pl.LightningDataModule):
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prepare, self.tokenizer = prepare, tokenizer
+        if caption_transform is not None and not callable(caption_transform):
+            raise ConfigError(
+                f"data.caption_transform must be a callable (caption, meta, rng) -> caption, e.g. "
+                f"{{_target_: trainer.data.shapes.AttributeCaptions, shape: 0.3}}; got {caption_transform!r}"
+            )
+        self.caption_transform = caption_transform  # training only: validation scores the captions as written
         self.train_set: ShardDataset | None = None
         self.val_set: ShardDataset | None = None
 
@@ -115,6 +122,7 @@ class ShardDataModule(pl.LightningDataModule):
             num_workers=num_workers,
             name="data.train" if train else "data.val",
             buckets=self.buckets,
+            caption_transform=self.caption_transform if train else None,
         )
 
     def val_workers(self) -> int:

@@ -150,6 +150,7 @@ class ShardDataset(IterableDataset):
         num_workers: int = 0,
         name: str = "data",
         buckets: Buckets | Any = None,
+        caption_transform: Callable[[str, dict, random.Random], str] | None = None,
     ):
         super().__init__()
         if mode not in MODES:
@@ -164,6 +165,8 @@ class ShardDataset(IterableDataset):
         self.transform = transform or ImageTransform()
         self.caption_key, self.require_caption = caption_key, require_caption
         self.filters, self.tokenizer = filters, tokenizer
+        # (caption, json metadata, the sample's RNG) -> the caption to train on; e.g. shapes.AttributeCaptions
+        self.caption_transform = caption_transform
         self.shuffle, self.shuffle_buffer, self.seed, self.drop_last = shuffle, shuffle_buffer, seed, drop_last
         self.rank, self.world_size = rank, world_size
         # None: square crops of ``transform.size``; else batches of one aspect-ratio bucket each (module docstring)
@@ -323,6 +326,8 @@ class ShardDataset(IterableDataset):
             if self.filters is not None and not sized_by_meta and not self.filters.accepts_size(*image.size):
                 return faults.skip("filtered", url, key)
             pixels = self.transform(image, rng)
+        if self.caption_transform is not None:
+            caption = self.caption_transform(caption, meta, rng)
         return {"image": pixels, "caption": caption, "key": key, "url": url, "meta": meta}
 
     def _bucket_of(self, sample: dict, faults: FaultCounter) -> tuple | None:

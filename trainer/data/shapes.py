@@ -105,6 +105,53 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
 )
 
 
+# What a caption that names one attribute says (AttributeCaptions), in the dataset's words.
+SINGLE_ATTRIBUTE_CAPTIONS: dict[str, str] = {
+    "shape": "a {shape}",
+    "color": "a {color} shape",
+    "size": "a {size} shape",
+    "position": "a shape in the {position}",
+}
+
+
+class AttributeCaptions:
+    """A training caption transform (``data.caption_transform``) for the shapes data: with the probability given
+    for an attribute, the caption is replaced by one that names only that attribute ("a triangle", "a shape in
+    the top left", :data:`SINGLE_ATTRIBUTE_CAPTIONS`), from the sample's json; otherwise it is kept.
+
+    Every dataset caption names size, color, shape and position, and in a batch of 64 color and position alone
+    already tell the captions apart, so the contrastive loss hardly asks the image tower for shape. "a triangle"
+    can only pick out its images by shape. Train with ``task.positives`` set to :func:`caption_attributes`, so
+    that every triangle of the batch, not just the one image the caption was made from, counts as a match for
+    "a triangle" (docs/benchmarks.md, "Seventh round").
+    """
+
+    def __init__(self, shape: float = 0.0, color: float = 0.0, size: float = 0.0, position: float = 0.0):
+        self.probabilities = {"shape": shape, "color": color, "size": size, "position": position}
+        for name, value in self.probabilities.items():
+            if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"AttributeCaptions.{name} must be a probability in [0, 1], got {value!r}")
+        if sum(self.probabilities.values()) > 1.0 + 1e-9:
+            raise ValueError(
+                f"AttributeCaptions: the probabilities add up to more than 1 ({self.probabilities}); each sample "
+                f"gets at most one single-attribute caption"
+            )
+
+    def __call__(self, caption: str, meta: dict, rng: random.Random) -> str:
+        draw = rng.random()
+        for name, probability in self.probabilities.items():
+            if draw < probability:
+                if name not in meta:
+                    raise ValueError(
+                        f"AttributeCaptions needs the sample's json to hold {name!r}, as the shapes data's does; "
+                        f"sample {meta.get('key', '?')!r} has only {sorted(meta)}. Remove data.caption_transform "
+                        f"for other data."
+                    )
+                return _articles(SINGLE_ATTRIBUTE_CAPTIONS[name].format(**{name: meta[name]}))
+            draw -= probability
+        return caption
+
+
 def _unit_polygon(points: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
     """Scale and center ``points`` so their bounding box's longer side spans [-0.5, 0.5]."""
     xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -199,12 +246,15 @@ def _articles(text: str) -> str:
     return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", r"\1n ", text)  # "a orange" -> "an orange"
 
 
-def parse_caption(caption: str) -> dict[str, str] | None:
-    """The size, color, shape and position a caption asks for (any template's wording, or a free prompt
-    that names all four with the dataset's words), or None when it does not name all four. A background
-    ("on a grey background", "on grey") is not taken for the figure's color."""
+def caption_attributes(caption: str) -> dict[str, str]:
+    """The attributes a caption names with the dataset's words: any of size, color, shape, position and
+    background, each named once ("a triangle" -> {"shape": "triangle"}; "a red or blue circle" names no color).
+    A background ("on a grey background", "on grey") is not taken for the figure's color. With ``task.positives``
+    (trainer.tasks.clip) it tells which images of a batch a caption fits: those whose json agrees on every
+    attribute the caption names."""
     text = caption.lower()
-    backgrounds = "|".join(re.escape(name) for name in BACKGROUNDS)
+    backgrounds = "|".join(re.escape(name) for name in sorted(BACKGROUNDS, key=len, reverse=True))
+    named_backgrounds = re.findall(rf"\b(?:on (?:an? )?)?({backgrounds}) background\b|\bon ({backgrounds})\b", text)
     text = re.sub(rf"\b(?:on (?:an? )?)?(?:{backgrounds}) background\b|\bon (?:{backgrounds})\b", " ", text)
     words = set(re.findall(r"[a-z]+", text))
 
@@ -214,8 +264,24 @@ def parse_caption(caption: str) -> dict[str, str] | None:
 
     positions = [name for _, _, name in POSITIONS if re.search(rf"\b{name}\b", text)]
     position = max(positions, key=len) if positions else None  # "top center" also contains "center"
-    found = {"size": one_of(SIZES), "color": one_of(COLORS), "shape": one_of(SHAPES), "position": position}
-    return found if all(found.values()) else None
+    background = {a or b for a, b in named_backgrounds}
+    found = {
+        "size": one_of(SIZES),
+        "color": one_of(COLORS),
+        "shape": one_of(SHAPES),
+        "position": position,
+        "background": background.pop() if len(background) == 1 else None,
+    }
+    return {name: value for name, value in found.items() if value is not None}
+
+
+def parse_caption(caption: str) -> dict[str, str] | None:
+    """The size, color, shape and position a caption asks for (any template's wording, or a free prompt
+    that names all four with the dataset's words), or None when it does not name all four
+    (:func:`caption_attributes`)."""
+    found = caption_attributes(caption)
+    fields = ("size", "color", "shape", "position")
+    return {name: found[name] for name in fields} if all(name in found for name in fields) else None
 
 
 def zero_shot_classes(prompts_per_class: int = 48, seed: int = 0) -> dict[str, dict[str, Any]]:

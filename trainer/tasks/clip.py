@@ -2,16 +2,18 @@
 
 The model, tokenizer and losses are open_clip's; this module adds what training needs around them:
 parameter groups without weight decay on gains, biases, embeddings and the logit scale, warmup then
-cosine, tower locking, the logit-scale clamp, hard-negative captions (NegCLIP-style word swaps), and evaluation
-on held-out shards (retrieval recall@k, zero-shot classification).
+cosine, tower locking, the logit-scale clamp, hard-negative captions (NegCLIP-style word swaps), several positives
+per caption for captions that name only some attributes, and evaluation on held-out shards (retrieval recall@k,
+zero-shot classification).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,66 @@ def make_loss(kind: str, local_loss: bool, gather_with_grad: bool, rank: int, wo
     if kind == "siglip":
         return SigLipLoss(rank=rank, world_size=world_size)
     raise ConfigError(f"task.loss must be one of {LOSSES}, got {kind!r}")
+
+
+def positive_pairs(image_meta: Sequence[Mapping], caption_attributes: Sequence[Mapping]) -> torch.Tensor:
+    """(images, captions) booleans: True where the image's metadata agrees with every attribute the caption
+    names. A caption that names nothing fits every image; an attribute missing from an image's metadata fits no
+    caption that names it."""
+    names = sorted({name for attributes in caption_attributes for name in attributes})
+    codes: dict[Any, int] = {}
+    # each (attribute, value) as an integer; -1: the caption does not name it; -2: the image lacks it
+    captions = torch.tensor(
+        [[codes.setdefault((n, a[n]), len(codes)) if n in a else -1 for n in names] for a in caption_attributes],
+        dtype=torch.long,
+    ).view(len(caption_attributes), len(names))
+    images = torch.tensor(
+        [[codes.get((n, m[n]), -2) if n in m else -2 for n in names] for m in image_meta], dtype=torch.long
+    ).view(len(image_meta), len(names))
+    agree = (captions.unsqueeze(0) == -1) | (captions.unsqueeze(0) == images.unsqueeze(1))
+    return agree.all(dim=-1)
+
+
+class MultiPositiveClipLoss(ClipLoss):
+    """open_clip's InfoNCE loss where a caption may fit several images of the batch and an image several
+    captions: the target of each row is spread evenly over its positives (UniCL, Yang et al., 2022). With one
+    positive per row, the image's own caption, it is ClipLoss. ``positives`` is the (images, captions) matrix
+    of the whole global batch, ranks in order (:func:`positive_pairs`); features are gathered as ClipLoss
+    gathers them (``local_loss``, ``gather_with_grad``)."""
+
+    def forward(self, image_features, text_features, logit_scale, positives: torch.Tensor):  # noqa: D102
+        logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale)
+        positives = positives.to(device=logits_per_image.device, dtype=logits_per_image.dtype)
+        if self.world_size > 1 and self.local_loss:
+            rows = slice(self.rank * len(image_features), (self.rank + 1) * len(image_features))
+            image_targets, text_targets = positives[rows], positives[:, rows].T
+        else:
+            image_targets, text_targets = positives, positives.T
+
+        def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            targets = targets / targets.sum(dim=1, keepdim=True)
+            return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+        return (
+            soft_cross_entropy(logits_per_image, image_targets) + soft_cross_entropy(logits_per_text, text_targets)
+        ) / 2
+
+
+def _caption_parser(spec: Any) -> Callable[[str], Mapping] | None:
+    """``task.positives``: null, or the dotted path of a function caption -> {attribute: value it names}."""
+    if spec is None:
+        return None
+    module, _, name = spec.rpartition(".") if isinstance(spec, str) else ("", "", "")
+    try:
+        parser = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        parser = None
+    if not callable(parser):
+        raise ConfigError(
+            f"task.positives must be null or the dotted path of a function caption -> {{attribute: value}} "
+            f"(e.g. trainer.data.shapes.caption_attributes); {spec!r} names no such function"
+        )
+    return parser
 
 
 def swapped_caption(
@@ -152,6 +214,7 @@ class CLIPTask(pl.LightningModule):
         scheduler: Mapping[str, Any] | None = None,
         zero_shot: Any = None,
         hard_negatives: Mapping[str, Any] | None = None,
+        positives: str | None = None,
         retrieval_ks: Sequence[int] = (1, 5, 10),
         export: bool = True,
     ):
@@ -172,6 +235,9 @@ class CLIPTask(pl.LightningModule):
         self.scheduler_cfg = {"warmup_steps": 0, "total_steps": None, "min_lr_ratio": 0.0, **(scheduler or {})}
         self.zero_shot = _zero_shot_spec(zero_shot)
         self.hard_negatives = _hard_negative_spec(hard_negatives)
+        self.caption_parser = _caption_parser(positives)
+        if self.caption_parser is not None and loss != "clip":
+            raise ConfigError(f"task.positives needs task.loss: clip (the InfoNCE loss), not {loss!r}")
         self.retrieval_ks = tuple(retrieval_ks)
         self.loss_fn: torch.nn.Module | None = None
         self._val_outputs: list[dict] = []
@@ -179,18 +245,42 @@ class CLIPTask(pl.LightningModule):
     def setup(self, stage: str) -> None:
         rank, world_size = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
         hp = self.hparams
-        self.loss_fn = make_loss(hp.loss, hp.local_loss, hp.gather_with_grad, rank, world_size)
+        if self.caption_parser is not None:
+            self.loss_fn = MultiPositiveClipLoss(hp.local_loss, hp.gather_with_grad, rank=rank, world_size=world_size)
+        else:
+            self.loss_fn = make_loss(hp.loss, hp.local_loss, hp.gather_with_grad, rank, world_size)
 
-    def contrastive_loss(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def contrastive_loss(
+        self, images: torch.Tensor, tokens: torch.Tensor, positives: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict]:
         out = self.model(images, tokens)
         args = [out["image_features"], out["text_features"], out["logit_scale"]]
         if "logit_bias" in out:
             args.append(out["logit_bias"])
+        if positives is not None:
+            args.append(positives)
         return self.loss_fn(*args), out
 
+    def batch_positives(self, captions: Sequence[str], metas: Sequence[Mapping]) -> torch.Tensor:
+        """The global batch's (images, captions) positive pairs (:func:`positive_pairs`, and each image with its own
+        caption), the same on every rank: each rank's captions and metadata are gathered, ranks in order, as the
+        loss gathers features."""
+        pairs = [(dict(self.caption_parser(c)), dict(m)) for c, m in zip(captions, metas, strict=True)]
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if world_size > 1:
+            gathered: list[Any] = [None] * world_size
+            torch.distributed.all_gather_object(gathered, pairs)
+            pairs = [pair for rank_pairs in gathered for pair in rank_pairs]
+        positives = positive_pairs([m for _, m in pairs], [a for a, _ in pairs])
+        return positives | torch.eye(len(positives), dtype=torch.bool)  # an image always fits its own caption
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, out = self.contrastive_loss(batch["image"], batch["tokens"])
         batch_size = len(batch["image"])
+        positives = None
+        if self.caption_parser is not None:
+            positives = self.batch_positives(batch["caption"], batch["meta"])
+            self.log("train/positives_per_caption", positives.float().sum(0).mean(), batch_size=batch_size)
+        loss, out = self.contrastive_loss(batch["image"], batch["tokens"], positives)
         if self.hard_negatives is not None:
             negative_loss, accuracy = self.hard_negative_loss(batch["caption"], out)
             self.log("train/contrastive_loss", loss, batch_size=batch_size)
