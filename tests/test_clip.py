@@ -154,11 +154,11 @@ def test_positive_pairs_are_the_images_that_agree_with_every_attribute_a_caption
     captions = [{"shape": "circle"}, {"color": "red"}, {"shape": "circle", "color": "blue"}, {}, {"shape": "star"}]
     expected = torch.tensor(
         [
-            # "circle", "red", "blue circle", names nothing, "star"
-            [True, True, False, True, False],
-            [False, True, False, True, False],
-            [True, False, True, True, False],
-            [False, True, False, True, False],
+            # "circle", "red", "blue circle", names nothing (other data's caption: no image), "star"
+            [True, True, False, False, False],
+            [False, True, False, False, False],
+            [True, False, True, False, False],
+            [False, True, False, False, False],
         ]
     )
     assert torch.equal(positive_pairs(images, captions), expected)
@@ -214,6 +214,9 @@ def test_positives_train_a_step_on_shapes_captions_and_bad_values_are_refused() 
     positives = task.batch_positives(captions, metas)
     # "a triangle" fits both triangles; "a red shape" both red figures; the full captions their own image only
     assert positives.sum(dim=0).tolist() == [2, 1, 2, 1] and positives.diagonal().all()
+    # captions of other data, which name nothing the parser reads, fit their own image: ClipLoss's targets
+    other = task.batch_positives(["a dog", "caption number 1"], [{}, {"width": 64}])
+    assert torch.equal(other, torch.eye(2, dtype=torch.bool))
     images, _ = inputs(4)
     loss, _ = task.contrastive_loss(images, task.tokenizer(captions), positives)
     loss.backward()

@@ -95,6 +95,8 @@ def test_overrides_reach_the_objects(tmp_path: Path, shards: Path) -> None:
             "task.optimizer.lr=0.0123",
             "task.loss=siglip",
             "model.config.embed_dim=16",
+            "data.caption_transform=null",  # shapes_clip's captions naming one attribute, and their positives:
+            "task.positives=null",  # the InfoNCE loss only, which siglip is not
         ],
     )
     task = instantiate(cfg.task)
@@ -104,8 +106,18 @@ def test_overrides_reach_the_objects(tmp_path: Path, shards: Path) -> None:
     assert data.batch_size == 3 and data.train_transform.size == 32
     assert task.optimizer_cfg["lr"] == 0.0123 and task.hparams.loss == "siglip"
     assert task.model.text_projection.shape[1] == 16
+    assert data.caption_transform is None and task.caption_parser is None
     data.setup("fit")
     assert next(iter(data.train_dataloader()))["image"].shape == (3, 3, 32, 32)
+
+
+def test_shapes_clip_trains_on_single_attribute_captions_with_their_positives(tmp_path: Path) -> None:
+    from trainer.data.shapes import AttributeCaptions, caption_attributes
+
+    cfg = compose_config(tmp_path, ["experiment=shapes_clip", "data.prepare=null"])
+    data, task = instantiate(cfg.data), instantiate(cfg.task)
+    assert isinstance(data.caption_transform, AttributeCaptions) and task.caption_parser is caption_attributes
+    assert data.caption_transform.probabilities == {"shape": 0.3, "color": 0.0, "size": 0.0, "position": 0.15}
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -57,6 +57,10 @@ COVERAGE: dict[str, tuple[tuple[str, ...], str]] = {
         ("tests/test_configs.py::test_overrides_reach_the_objects",),
         "data.batch_size",
     ),
+    "python -m trainer.train experiment=shapes_clip data.caption_transform=null task.positives=null": (
+        ("tests/test_configs.py::test_overrides_reach_the_objects",),
+        "task.positives=null",
+    ),
     "python -m trainer.train experiment=shapes_clip": (
         ("tests/test_train_cli.py::test_the_three_shapes_stages_chain_through_the_cli",),
         "experiment=shapes_clip",

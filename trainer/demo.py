@@ -38,7 +38,7 @@ from trainer.data.shapes import ensure_shapes, make_caption, render, sample_attr
 # aims at <= 15 minutes on 2 CPU cores, --fast at <= 3. Each stage validates at its last step.
 SCHEDULES = {
     "full": {
-        "clip": (400, 200),
+        "clip": (800, 800),
         "autoencoder": (7200, 2400),
         "ldm": (2200, 1100),
         "train": 20000,

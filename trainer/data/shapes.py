@@ -123,7 +123,8 @@ class AttributeCaptions:
     already tell the captions apart, so the contrastive loss hardly asks the image tower for shape. "a triangle"
     can only pick out its images by shape. Train with ``task.positives`` set to :func:`caption_attributes`, so
     that every triangle of the batch, not just the one image the caption was made from, counts as a match for
-    "a triangle" (docs/benchmarks.md, "Seventh round").
+    "a triangle" (docs/benchmarks.md, "Seventh round"). A sample whose json lacks the attribute drawn keeps its
+    caption, so the transform does nothing to other data.
     """
 
     def __init__(self, shape: float = 0.0, color: float = 0.0, size: float = 0.0, position: float = 0.0):
@@ -141,12 +142,8 @@ class AttributeCaptions:
         draw = rng.random()
         for name, probability in self.probabilities.items():
             if draw < probability:
-                if name not in meta:
-                    raise ValueError(
-                        f"AttributeCaptions needs the sample's json to hold {name!r}, as the shapes data's does; "
-                        f"sample {meta.get('key', '?')!r} has only {sorted(meta)}. Remove data.caption_transform "
-                        f"for other data."
-                    )
+                if name not in meta:  # not a shapes sample (say, shapes_clip on other shards): left as it is
+                    return caption
                 return _articles(SINGLE_ATTRIBUTE_CAPTIONS[name].format(**{name: meta[name]}))
             draw -= probability
         return caption

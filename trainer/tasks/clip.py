@@ -66,8 +66,9 @@ def make_loss(kind: str, local_loss: bool, gather_with_grad: bool, rank: int, wo
 
 def positive_pairs(image_meta: Sequence[Mapping], caption_attributes: Sequence[Mapping]) -> torch.Tensor:
     """(images, captions) booleans: True where the image's metadata agrees with every attribute the caption
-    names. A caption that names nothing fits every image; an attribute missing from an image's metadata fits no
-    caption that names it."""
+    names. A caption that names nothing the parser reads (a caption of other data) fits no image here, its own
+    included (:meth:`CLIPTask.batch_positives` adds each image's own caption); an attribute missing from an
+    image's metadata fits no caption that names it."""
     names = sorted({name for attributes in caption_attributes for name in attributes})
     codes: dict[Any, int] = {}
     # each (attribute, value) as an integer; -1: the caption does not name it; -2: the image lacks it
@@ -79,7 +80,8 @@ def positive_pairs(image_meta: Sequence[Mapping], caption_attributes: Sequence[M
         [[codes.get((n, m[n]), -2) if n in m else -2 for n in names] for m in image_meta], dtype=torch.long
     ).view(len(image_meta), len(names))
     agree = (captions.unsqueeze(0) == -1) | (captions.unsqueeze(0) == images.unsqueeze(1))
-    return agree.all(dim=-1)
+    names_something = (captions != -1).any(dim=1)
+    return agree.all(dim=-1) & names_something.unsqueeze(0)
 
 
 class MultiPositiveClipLoss(ClipLoss):
