@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         metavar="N",
         help="train the UNet for N steps instead of the schedule's (full: 2200, about 7 minutes on 2 CPU cores); "
-        "with 8800, generated shape accuracy reaches 0.73 (docs/benchmarks.md, 'Sixth round')",
+        "with 6600 (about 30 minutes in all), generated shape accuracy reached 0.81 (docs/benchmarks.md, "
+        "'Seventh round')",
     )
     args = parser.parse_args(argv)
     precision = stage_precision(args.precision)
