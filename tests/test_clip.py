@@ -185,10 +185,16 @@ def test_multi_positive_loss_is_clip_loss_with_one_positive_and_spreads_the_targ
     loss = MultiPositiveClipLoss()
     clip = make_loss("clip", local_loss=False, gather_with_grad=False, rank=0, world_size=1)
     identity = torch.eye(6, dtype=torch.bool)
-    assert loss(image, text, scale, identity).item() == pytest.approx(clip(image, text, scale).item(), rel=1e-6)
+    assert loss(image, text, scale, positives=identity).item() == pytest.approx(
+        clip(image, text, scale).item(), rel=1e-6
+    )
+    bias = torch.tensor(-2.0)  # a model with a logit bias (SigLIP-initialized) under the InfoNCE loss
+    assert loss(image, text, scale, bias, positives=identity).item() == pytest.approx(
+        clip(image, text, scale, bias).item(), rel=1e-6
+    )
     several = identity.clone()
     several[0, 3] = several[3, 0] = several[2, 5] = several[4, 1] = True  # not symmetric: 4 fits caption 1 only
-    assert loss(image, text, scale, several).item() == pytest.approx(
+    assert loss(image, text, scale, positives=several).item() == pytest.approx(
         _soft_clip_loss_by_hand(image, text, 7.0, several), rel=1e-5
     )
 
@@ -204,20 +210,27 @@ def test_positives_train_a_step_on_shapes_captions_and_bad_values_are_refused() 
         "a small red triangle in the top left",
         "a red shape",
         "a large blue circle in the center",
+        "a blue shape",
     ]
     metas = [
         {"shape": "triangle", "color": "blue", "size": "small", "position": "center"},
         {"shape": "triangle", "color": "red", "size": "small", "position": "top left"},
         {"shape": "square", "color": "red", "size": "large", "position": "center"},
         {"shape": "circle", "color": "blue", "size": "large", "position": "center"},
+        {"shape": "star", "color": "blue", "size": "medium", "position": "top right"},
     ]
     positives = task.batch_positives(captions, metas)
-    # "a triangle" fits both triangles; "a red shape" both red figures; the full captions their own image only
-    assert positives.sum(dim=0).tolist() == [2, 1, 2, 1] and positives.diagonal().all()
+    # "a triangle" fits both triangles; "a red shape" both red figures; "a blue shape" the three blue ones, the
+    # first of which has a caption that names no color; the full captions fit their own image only
+    assert positives.sum(dim=0).tolist() == [2, 1, 2, 1, 3] and positives.diagonal().all()
+    assert positives[:, 4].tolist() == [True, False, False, True, True]
+    # a parser that returns None for what it cannot read (parse_caption, for partial captions): own image only
+    strict = CLIPTask(MODEL, positives="trainer.data.shapes.parse_caption")
+    assert torch.equal(strict.batch_positives(captions, metas), torch.eye(5, dtype=torch.bool))
     # captions of other data, which name nothing the parser reads, fit their own image: ClipLoss's targets
     other = task.batch_positives(["a dog", "caption number 1"], [{}, {"width": 64}])
     assert torch.equal(other, torch.eye(2, dtype=torch.bool))
-    images, _ = inputs(4)
+    images, _ = inputs(5)
     loss, _ = task.contrastive_loss(images, task.tokenizer(captions), positives)
     loss.backward()
     assert torch.isfinite(loss) and task.model.logit_scale.grad is not None
@@ -343,8 +356,8 @@ def _ddp_rank(rank: int, port: int, images, tokens, positives, queue) -> None:
             loss_fn = MultiPositiveClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=2)
         half = len(images) // 2
         out = ddp(images[rank * half : (rank + 1) * half], tokens[rank * half : (rank + 1) * half])
-        extra = [] if positives is None else [positives]
-        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], *extra)
+        extra = {} if positives is None else {"positives": positives}
+        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], **extra)
         loss.backward()  # DDP averages the gradients over the two ranks
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
@@ -366,7 +379,9 @@ def test_two_rank_loss_and_gradients_equal_one_process_on_the_whole_batch(multi_
     if multi_positive:  # positives that cross the ranks' halves, in both directions, and one that is one-way
         positives = torch.eye(8, dtype=torch.bool)
         positives[1, 6] = positives[6, 1] = positives[2, 3] = positives[7, 0] = True
-        reference = MultiPositiveClipLoss()(out["image_features"], out["text_features"], out["logit_scale"], positives)
+        reference = MultiPositiveClipLoss()(
+            out["image_features"], out["text_features"], out["logit_scale"], positives=positives
+        )
     else:
         reference = make_loss("clip", local_loss=False, gather_with_grad=False, rank=0, world_size=1)(
             out["image_features"], out["text_features"], out["logit_scale"]

@@ -118,6 +118,13 @@ def test_shapes_clip_trains_on_single_attribute_captions_with_their_positives(tm
     data, task = instantiate(cfg.data), instantiate(cfg.task)
     assert isinstance(data.caption_transform, AttributeCaptions) and task.caption_parser is caption_attributes
     assert data.caption_transform.probabilities == {"shape": 0.3, "color": 0.0, "size": 0.0, "position": 0.15}
+    # the README's overrides: a share of shapes_clip's transform, and a whole transform where the default is null
+    cfg = compose_config(tmp_path, ["experiment=shapes_clip", "data.prepare=null", "data.caption_transform.shape=0.5"])
+    assert instantiate(cfg.data).caption_transform.probabilities["shape"] == 0.5
+    whole = "data.caption_transform={_target_: trainer.data.shapes.AttributeCaptions, color: 0.2}"
+    cfg = compose_config(tmp_path, ["experiment=laion_clip_vit_b32", whole])
+    transform = instantiate(cfg.data.caption_transform)
+    assert transform.probabilities == {"shape": 0.0, "color": 0.2, "size": 0.0, "position": 0.0}
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

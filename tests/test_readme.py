@@ -61,6 +61,14 @@ COVERAGE: dict[str, tuple[tuple[str, ...], str]] = {
         ("tests/test_configs.py::test_overrides_reach_the_objects",),
         "task.positives=null",
     ),
+    "python -m trainer.train experiment=shapes_clip data.caption_transform.shape=0.5": (
+        ("tests/test_configs.py::test_shapes_clip_trains_on_single_attribute_captions_with_their_positives",),
+        "data.caption_transform.shape=0.5",
+    ),
+    "python -m trainer.train experiment=laion_clip_vit_b32 'data.caption_transform=*": (
+        ("tests/test_configs.py::test_shapes_clip_trains_on_single_attribute_captions_with_their_positives",),
+        "experiment=laion_clip_vit_b32",
+    ),
     "python -m trainer.train experiment=shapes_clip": (
         ("tests/test_train_cli.py::test_the_three_shapes_stages_chain_through_the_cli",),
         "experiment=shapes_clip",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from trainer.data import shapes
@@ -298,19 +299,24 @@ def test_attribute_captions_name_one_attribute_at_the_rates_asked_and_are_read_b
     # in the pipeline: training samples get them, deterministically per sample
     shapes.write_split(tmp_path, "train", 40, size=24, samples_per_shard=10, workers=1)
 
-    def captions() -> dict[str, str]:
+    def captions(num_workers: int) -> dict[str, str]:
         dataset = ShardDataset(
             str(tmp_path / "train.manifest.json"),
             batch_size=8,
             mode="exact",
             transform=ImageTransform(size=24, normalize="none"),
-            caption_transform=shapes.AttributeCaptions(shape=1.0),
+            caption_transform=shapes.AttributeCaptions(shape=0.5),
+            num_workers=num_workers,
         )
-        return {k: c for batch in dataset for k, c in zip(batch["key"], batch["caption"], strict=True)}
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)
+        return {k: c for batch in loader for k, c in zip(batch["key"], batch["caption"], strict=True)}
 
-    first = captions()
-    assert first == captions() and len(first) == 40
-    assert all(re.fullmatch(r"an? (circle|square|triangle|star|diamond)", c) for c in first.values())
+    # drawn from each sample's RNG, which the pipeline seeds by epoch, worker and position (like the crops)
+    first = captions(0)
+    assert first == captions(0) and captions(2) == captions(2) and len(first) == 40
+    rewritten = [c for c in first.values() if re.fullmatch(r"an? (circle|square|triangle|star|diamond)", c)]
+    assert 10 <= len(rewritten) <= 30  # about half; the rest kept whole
+    assert all(shapes.parse_caption(c) for c in first.values() if c not in rewritten)
     for bad in ({"shape": 1.5}, {"shape": 0.7, "color": 0.7}):
         with pytest.raises(ValueError, match="AttributeCaptions"):
             shapes.AttributeCaptions(**bad)

@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         metavar="N",
         help="train the UNet for N steps instead of the schedule's (full: 2200, about 7 minutes on 2 CPU cores); "
-        "with 6600 (about 30 minutes in all), generated shape accuracy reached 0.81 (docs/benchmarks.md, "
+        "with 6600 (about 30 minutes in all), generated shape accuracy reached 0.80-0.84 (docs/benchmarks.md, "
         "'Seventh round')",
     )
     args = parser.parse_args(argv)

@@ -246,7 +246,7 @@ def _articles(text: str) -> str:
 def caption_attributes(caption: str) -> dict[str, str]:
     """The attributes a caption names with the dataset's words: any of size, color, shape, position and
     background, each named once ("a triangle" -> {"shape": "triangle"}; "a red or blue circle" names no color).
-    A background ("on a grey background", "on grey") is not taken for the figure's color. With ``task.positives``
+    A background ("on a gray background", "on gray") is not taken for the figure's color. With ``task.positives``
     (trainer.tasks.clip) it tells which images of a batch a caption fits: those whose json agrees on every
     attribute the caption names."""
     text = caption.lower()

@@ -70,18 +70,15 @@ def positive_pairs(image_meta: Sequence[Mapping], caption_attributes: Sequence[M
     included (:meth:`CLIPTask.batch_positives` adds each image's own caption); an attribute missing from an
     image's metadata fits no caption that names it."""
     names = sorted({name for attributes in caption_attributes for name in attributes})
-    codes: dict[Any, int] = {}
-    # each (attribute, value) as an integer; -1: the caption does not name it; -2: the image lacks it
-    captions = torch.tensor(
-        [[codes.setdefault((n, a[n]), len(codes)) if n in a else -1 for n in names] for a in caption_attributes],
-        dtype=torch.long,
-    ).view(len(caption_attributes), len(names))
-    images = torch.tensor(
-        [[codes.get((n, m[n]), -2) if n in m else -2 for n in names] for m in image_meta], dtype=torch.long
-    ).view(len(image_meta), len(names))
-    agree = (captions.unsqueeze(0) == -1) | (captions.unsqueeze(0) == images.unsqueeze(1))
-    names_something = (captions != -1).any(dim=1)
-    return agree.all(dim=-1) & names_something.unsqueeze(0)
+    fits = torch.ones(len(image_meta), len(caption_attributes), dtype=torch.bool)
+    for name in names:  # one attribute at a time: no (images, captions, attributes) tensor
+        codes: dict[Any, int] = {}
+        # the caption's value as an integer; -1: the caption does not name it; -2: the image lacks it
+        named = torch.tensor([codes.setdefault(a[name], len(codes)) if name in a else -1 for a in caption_attributes])
+        image = torch.tensor([codes.get(m[name], -2) if name in m else -2 for m in image_meta])
+        fits &= (named.unsqueeze(0) == -1) | (named.unsqueeze(0) == image.unsqueeze(1))
+    names_something = torch.tensor([bool(a) for a in caption_attributes], dtype=torch.bool)
+    return fits & names_something.unsqueeze(0)
 
 
 class MultiPositiveClipLoss(ClipLoss):
@@ -91,10 +88,17 @@ class MultiPositiveClipLoss(ClipLoss):
     of the whole global batch, ranks in order (:func:`positive_pairs`); features are gathered as ClipLoss
     gathers them (``local_loss``, ``gather_with_grad``)."""
 
-    def forward(self, image_features, text_features, logit_scale, positives: torch.Tensor):  # noqa: D102
-        logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale)
-        positives = positives.to(device=logits_per_image.device, dtype=logits_per_image.dtype)
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, *, positives: torch.Tensor):  # noqa: D102
+        logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale, logit_bias)
+        # targets and log-probabilities in float32: under bf16 autocast 1/k and sums over many positives round
+        positives = positives.to(device=logits_per_image.device, dtype=torch.float32)
         if self.world_size > 1 and self.local_loss:
+            if len(positives) != self.world_size * len(image_features):
+                raise ValueError(
+                    f"MultiPositiveClipLoss: the positives cover {len(positives)} pairs, but {self.world_size} ranks "
+                    f"of {len(image_features)} make {self.world_size * len(image_features)}; every rank needs the "
+                    f"same batch size (as open_clip's gathered loss does)"
+                )
             rows = slice(self.rank * len(image_features), (self.rank + 1) * len(image_features))
             image_targets, text_targets = positives[rows], positives[:, rows].T
         else:
@@ -102,7 +106,7 @@ class MultiPositiveClipLoss(ClipLoss):
 
         def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             targets = targets / targets.sum(dim=1, keepdim=True)
-            return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+            return -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
 
         return (
             soft_cross_entropy(logits_per_image, image_targets) + soft_cross_entropy(logits_per_text, text_targets)
@@ -260,21 +264,30 @@ class CLIPTask(pl.LightningModule):
         if "logit_bias" in out:
             args.append(out["logit_bias"])
         if positives is not None:
-            args.append(positives)
+            return self.loss_fn(*args, positives=positives), out
         return self.loss_fn(*args), out
 
     def batch_positives(self, captions: Sequence[str], metas: Sequence[Mapping]) -> torch.Tensor:
         """The global batch's (images, captions) positive pairs (:func:`positive_pairs`, and each image with its own
-        caption), the same on every rank: each rank's captions and metadata are gathered, ranks in order, as the
-        loss gathers features."""
-        pairs = [(dict(self.caption_parser(c)), dict(m)) for c, m in zip(captions, metas, strict=True)]
-        world_size = self.trainer.world_size if self._trainer is not None else 1
-        if world_size > 1:
-            gathered: list[Any] = [None] * world_size
-            torch.distributed.all_gather_object(gathered, pairs)
-            pairs = [pair for rank_pairs in gathered for pair in rank_pairs]
-        positives = positive_pairs([m for _, m in pairs], [a for a, _ in pairs])
+        caption), the same on every rank: each rank's parsed captions, then its images' values of the attributes
+        any caption names (not each sample's whole json), are gathered, ranks in order, as the loss gathers
+        features."""
+        # a parser's None ("cannot read it") names nothing
+        named = [dict(self.caption_parser(caption) or {}) for caption in captions]
+        named = self._gather_objects(named)
+        names = {name for attributes in named for name in attributes}
+        values = self._gather_objects([{n: meta[n] for n in names if n in meta} for meta in metas])
+        positives = positive_pairs(values, named)
         return positives | torch.eye(len(positives), dtype=torch.bool)  # an image always fits its own caption
+
+    def _gather_objects(self, items: list) -> list:
+        """Every rank's ``items`` concatenated, ranks in order (the list itself on one process)."""
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if world_size == 1:
+            return items
+        gathered: list[Any] = [None] * world_size
+        torch.distributed.all_gather_object(gathered, items)
+        return [item for rank_items in gathered for item in rank_items]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         batch_size = len(batch["image"])
