@@ -251,8 +251,9 @@ def caption_attributes(caption: str) -> dict[str, str]:
     attribute the caption names."""
     text = caption.lower()
     backgrounds = "|".join(re.escape(name) for name in sorted(BACKGROUNDS, key=len, reverse=True))
-    named_backgrounds = re.findall(rf"\b(?:on (?:an? )?)?({backgrounds}) background\b|\bon ({backgrounds})\b", text)
-    text = re.sub(rf"\b(?:on (?:an? )?)?(?:{backgrounds}) background\b|\bon (?:{backgrounds})\b", " ", text)
+    background_phrase = re.compile(rf"\b(?:on (?:an? )?)?({backgrounds}) background\b|\bon ({backgrounds})\b")
+    named_backgrounds = background_phrase.findall(text)
+    text = background_phrase.sub(" ", text)
     words = set(re.findall(r"[a-z]+", text))
 
     def one_of(names) -> str | None:
