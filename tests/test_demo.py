@@ -14,14 +14,15 @@ import yaml
 from PIL import Image
 
 from trainer.data import shapes
-from trainer.demo import main, native_bf16, stage_precision
+from trainer.demo import demo_device, main, native_bf16, stage_precision
 
 
 @pytest.mark.slow
 def test_the_fast_demo_runs_end_to_end_and_writes_what_it_promises(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "trainer.demo", "--fast", "--out", str(out), "--ldm-steps", "30"],
+        # --device cpu: the precisions checked below are the CPU's, also where a GPU is present
+        [sys.executable, "-m", "trainer.demo", "--fast", "--out", str(out), "--ldm-steps", "30", "--device", "cpu"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -64,7 +65,7 @@ def test_the_fast_demo_runs_end_to_end_and_writes_what_it_promises(tmp_path: Pat
     for run in ("clip", "autoencoder", "ldm"):
         assert (out / run / "checkpoints" / "last.ckpt").is_file()
     # CLIP and the autoencoder in bf16 where the CPU has it natively, else float32; the LDM in float32
-    assert summary["precision"] == ("bf16-mixed" if native_bf16() else "32-true")
+    assert summary["precision"] == ("bf16-mixed" if native_bf16() else "32-true") and summary["device"] == "cpu"
     for run, precision in (("clip", summary["precision"]), ("autoencoder", summary["precision"]), ("ldm", "32-true")):
         config = yaml.safe_load((out / run / ".hydra" / "config.yaml").read_text())
         assert str(config["trainer"].get("precision", "32-true")) == precision
@@ -104,3 +105,16 @@ def test_bf16_is_used_only_where_the_cpu_computes_it_natively(tmp_path: Path, fl
     assert stage_precision("auto", cpuinfo) == ("bf16-mixed" if expected else "32-true")
     for choice in ("32-true", "bf16-mixed"):  # --precision overrides what the CPU offers
         assert stage_precision(choice, cpuinfo) == choice
+
+
+def test_the_demo_trains_on_the_gpu_when_torch_sees_one(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert demo_device("auto") == "cpu" and demo_device("cpu") == "cpu"
+    with pytest.raises(SystemExit, match="--device cuda, but torch sees no GPU"):
+        demo_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert demo_device("auto") == "cuda" and demo_device("cpu") == "cpu"
+    for bf16, expected in ((True, "bf16-mixed"), (False, "16-mixed")):  # fp16 with a loss scaler before Ampere
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+        assert stage_precision("auto", device="cuda") == expected
+        assert stage_precision("32-true", device="cuda") == "32-true"

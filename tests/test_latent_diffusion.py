@@ -340,3 +340,24 @@ def test_a_tiny_ldm_overfits_a_few_shapes_images(tmp_path: Path) -> None:
     own = distances.diagonal()
     others = (distances + torch.eye(4) * 1e9).min(dim=1).values
     assert (own < 0.9 * others).all(), distances  # measured: own 13-19, others 22-24
+
+
+def test_task_compile_compiles_the_unet_in_place_to_the_same_loss_and_gradients(stages: Path) -> None:
+    """aot_eager traces forward and backward as inductor would, without a C++ compiler; the parameter names (so
+    checkpoints and exports) stay the plain UNet's, and the EMA copy stays eager."""
+    torch.manual_seed(0)
+    eager = make_task(stages)
+    compiled = make_task(stages, compile={"backend": "aot_eager", "dynamic": False})
+    compiled.load_state_dict(eager.state_dict())
+    assert compiled.unet._compiled_call_impl is not None and eager.unet._compiled_call_impl is None
+    assert compiled.ema_unet.module._compiled_call_impl is None
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    latents, context = torch.randn(2, 4, 16, 16), torch.randn(2, 16, 64)
+    timesteps, noise = torch.tensor([10, 900]), torch.randn(2, 4, 16, 16)
+    losses = [task.diffusion_loss(latents, context, timesteps, noise).mean() for task in (eager, compiled)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    grads = [torch.cat([p.grad.flatten() for p in task.unet.parameters()]) for task in (eager, compiled)]
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)

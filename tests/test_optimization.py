@@ -1,10 +1,13 @@
-"""The pieces the tasks share about optimization: the EMA with warmup."""
+"""The pieces the tasks share about optimization: the EMA with warmup, and ``task.compile``."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel
 
+from trainer.errors import ConfigError
+from trainer.tasks.compilation import compile_in_place, compile_options
 from trainer.tasks.optimization import ema_multi_avg_fn
 
 
@@ -27,3 +30,16 @@ def test_ema_follows_the_compvis_warmup_recursion() -> None:
         assert ema.module.steps.item() == n
     # after 205 updates the first value's share is small: a fixed 0.999 would still hold 0.999**204 = 82% of it
     assert abs(ema.module.weight.item() - 1.0) < 0.05
+
+
+def test_task_compile_values_map_to_torch_compile_keywords() -> None:
+    assert compile_options(False) is None and compile_options(None) is None
+    assert compile_options(True) == {}
+    assert compile_options({"mode": "max-autotune", "dynamic": False}) == {"mode": "max-autotune", "dynamic": False}
+    with pytest.raises(ConfigError, match=r"task.compile has keys torch.compile does not take: \['mod'\]"):
+        compile_options({"mod": "default"})
+    with pytest.raises(ConfigError, match="task.compile must be true, false or a mapping"):
+        compile_options("inductor")
+    module = torch.nn.Linear(2, 2)
+    assert not compile_in_place(module, False) and module._compiled_call_impl is None
+    assert compile_in_place(module, {"backend": "eager"}) and module._compiled_call_impl is not None

@@ -54,6 +54,15 @@ def test_a_short_run_trains_logs_validates_and_checkpoints(tmp_path: Path, shard
     assert any(r.get("data/skipped_broken_image") == "0.0" for r in rows)
 
 
+def test_task_compile_from_the_command_line_trains(tmp_path: Path, shards: Path) -> None:
+    """task.compile takes torch.compile's keywords as a Hydra dict; aot_eager traces the CLIP model's forward and
+    backward as inductor would, without needing a C++ compiler."""
+    run_dir = train(tmp_path, shards, "trainer.max_steps=2", "task.compile={backend:aot_eager,dynamic:false}")
+    assert "backend: aot_eager" in (run_dir / "config.yaml").read_text()
+    losses = [float(r["train/loss"]) for r in metrics(run_dir) if r.get("train/loss")]
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path: Path) -> None:

@@ -112,7 +112,7 @@ def run_stages(
     return times
 
 
-def cache_latents(runs: dict[str, Path], data: Path, out: Path, log: Path, per_shard: int) -> Path:
+def cache_latents(runs: dict[str, Path], data: Path, out: Path, log: Path, per_shard: int, device: str = "cpu") -> Path:
     """Encode the train split once with the trained autoencoder and text tower (``tools/cache_latents.py``), so
     the diffusion stage runs only its UNet; returns the cache's manifest."""
     tool = Path(__file__).resolve().parents[1] / "tools" / "cache_latents.py"
@@ -124,6 +124,7 @@ def cache_latents(runs: dict[str, Path], data: Path, out: Path, log: Path, per_s
     ]
     command += ["--text-encoder", str(runs["clip"] / "export" / "clip"), "--urls", str(data / "train.manifest.json")]
     command += ["--image-size", "64", "--batch-size", "100", "--samples-per-shard", str(per_shard), "--out", str(out)]
+    command += ["--device", device]
     with open(log, "w") as sink:
         if subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT).returncode != 0:
             raise SystemExit(f"error: caching latents failed; see {log}")
@@ -191,11 +192,11 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
 
 
-def sample_and_evaluate(checkpoint: Path, out: Path, count: int, steps: int) -> dict:
+def sample_and_evaluate(checkpoint: Path, out: Path, count: int, steps: int, device: str = "cpu") -> dict:
     from trainer.eval.shapes import evaluate
     from trainer.generate import load_checkpoint_pipeline
 
-    pipeline = load_checkpoint_pipeline(str(checkpoint))
+    pipeline = load_checkpoint_pipeline(str(checkpoint), device=device)
     prompts = held_out_prompts(count)
     samples = out / "samples"
     samples.mkdir(parents=True, exist_ok=True)
@@ -244,12 +245,25 @@ def native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def stage_precision(choice: str, cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+def stage_precision(choice: str, cpuinfo: str | Path = "/proc/cpuinfo", device: str = "cpu") -> str:
     """The ``trainer.precision`` of the demo's CLIP and autoencoder stages for ``--precision``: ``auto`` is
-    bf16-mixed on an x86 CPU with native bf16 (:func:`native_bf16`), else 32-true (other CPUs, ARM included)."""
+    bf16-mixed on an x86 CPU with native bf16 (:func:`native_bf16`), else 32-true (other CPUs, ARM included);
+    on a GPU, bf16-mixed where it computes bf16 (Ampere and later), else 16-mixed."""
     if choice != "auto":
         return choice
+    if device == "cuda":
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "bf16-mixed" if native_bf16(cpuinfo) else "32-true"
+
+
+def demo_device(choice: str) -> str:
+    """``--device``: ``auto`` is the GPU when torch sees one, else the CPU; asking for ``cuda`` without one is an
+    error that says so."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no GPU (torch.cuda.is_available() is False)")
+    return choice
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,10 +275,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--precision",
-        choices=("auto", "32-true", "bf16-mixed"),
+        choices=("auto", "32-true", "bf16-mixed", "16-mixed"),
         default="auto",
-        help="of CLIP and the autoencoder (auto: bf16-mixed on x86 CPUs with native bf16, else 32-true); "
-        "the LDM trains in float32, where bf16 gains nothing on CPU",
+        help="of CLIP and the autoencoder (auto: bf16-mixed on x86 CPUs with native bf16, else 32-true; on a GPU "
+        "bf16-mixed, or 16-mixed before Ampere); on the CPU the LDM trains in float32, where bf16 gains nothing",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where every stage trains and samples (auto: the GPU when torch sees one, else the CPU)",
     )
     parser.add_argument(
         "--ldm-steps",
@@ -276,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         "'Seventh round')",
     )
     args = parser.parse_args(argv)
-    precision = stage_precision(args.precision)
+    device = demo_device(args.device)
+    precision = stage_precision(args.precision, device=device)
     plan = dict(SCHEDULES["fast" if args.fast else "full"])
     if args.ldm_steps is not None:
         if args.ldm_steps < 1:
@@ -299,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         f"data.val.urls={data.resolve()}/val.manifest.json",
         "logger=csv",
     ]
+    if device == "cuda":  # the shapes experiments name trainer: cpu
+        shards.append("trainer.accelerator=gpu")
     fast = ["trainer.limit_val_batches=2"] if args.fast else []
 
     def schedule(stage: str) -> list[str]:
@@ -315,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     # CLIP and the autoencoder do not depend on each other: they train at the same time, one thread each on a
     # 2-core machine (small models use one core better than they share two), each with one data worker
     threads = max(1, (os.cpu_count() or 2) // 2)
-    both = ["data.num_workers=1", f"trainer.precision={precision}"]
+    workers = 1 if device == "cpu" else min(4, threads)  # on a GPU the loaders, not the model, need the cores
+    both = [f"data.num_workers={workers}", f"trainer.precision={precision}"]
     first = {
         "clip": ("shapes_clip", runs["clip"], [*shards, *fast, *both, *schedule("clip")]),
         "autoencoder": (
@@ -327,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     times.update(run_stages(first, out, threads))
     print("\n=== caching latents and text embeddings of the train split", flush=True)
     t = time.perf_counter()
-    latents = cache_latents(runs, data, out / "latents", out / "latents.log", per_shard)
+    latents = cache_latents(runs, data, out / "latents", out / "latents.log", per_shard, device)
     times["latents"] = time.perf_counter() - t
     ldm = [
         *(o for o in shards if not o.startswith("data.train.urls=")),
@@ -337,11 +361,13 @@ def main(argv: list[str] | None = None) -> int:
         f"task.text_encoder.source={runs['clip']}/export/clip",
         f"task.autoencoder.checkpoint={runs['autoencoder']}/export/autoencoder.safetensors",
     ]
+    if device == "cuda":  # on the CPU the LDM's tiny UNet gains nothing from bf16
+        ldm.append(f"trainer.precision={precision}")
     times.update(run_stages({"ldm": ("shapes_ldm", runs["ldm"], ldm)}, out))
 
     print("\n=== sampling and evaluating held-out prompts", flush=True)
     t = time.perf_counter()
-    report = sample_and_evaluate(runs["ldm"] / "checkpoints" / "last.ckpt", out, plan["prompts"], plan["steps"])
+    report = sample_and_evaluate(runs["ldm"] / "checkpoints" / "last.ckpt", out, plan["prompts"], plan["steps"], device)
     reference = reconstruction_reference(runs["autoencoder"] / "export" / "autoencoder.safetensors", plan["prompts"])
     times["sample+eval"] = time.perf_counter() - t
 
@@ -385,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         "times_s": times,
         "total_s": total,
         "precision": precision,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "steps": {stage: plan[stage][0] for stage in ("clip", "autoencoder", "ldm")},
         "clip": clip,
         "autoencoder": autoencoder,

@@ -154,7 +154,7 @@ def load_checkpoint_pipeline(
     hparams = state.get("hyper_parameters", {})
     if "unet" not in hparams:
         raise ConfigError(f"{checkpoint} is not a latent diffusion checkpoint (no 'unet' in its hyperparameters)")
-    hparams = {**hparams, "pretrained": None}
+    hparams = {**hparams, "pretrained": None, "compile": None}  # sampling runs eager: no compile per batch size
     task = LatentDiffusionTask(**hparams)
     task.load_state_dict(state["state_dict"], strict=True)
     if lora:

@@ -36,6 +36,7 @@ from trainer.data.buckets import require_multiple
 from trainer.errors import ConfigError
 from trainer.models.autoencoder import AutoencoderKL
 from trainer.models.discriminator import PatchDiscriminator
+from trainer.tasks.compilation import compile_in_place
 from trainer.tasks.optimization import ema_multi_avg_fn, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class AutoencoderTask(pl.LightningModule):
         ema_decay: float | None = None,
         gradient_checkpointing: bool = False,
         channels_last: bool = False,
+        compile: Any = None,
         pretrained: str | None = None,
         scale_factor_samples: int = 512,
         log_images: int = 8,
@@ -129,6 +131,7 @@ class AutoencoderTask(pl.LightningModule):
         if ema_decay:  # averaged, never trained: no gradients (DDP would stop on parameters the loss never used)
             self.ema = AveragedModel(self.autoencoder, multi_avg_fn=ema_multi_avg_fn(ema_decay), use_buffers=True)
             self.ema.requires_grad_(False)
+        compile_in_place(self.autoencoder, compile)  # after the EMA copy, which stays eager
         # 1 / std of the latents (SD's 0.18215): measured on validation data, saved with the checkpoint; with a
         # frozen encoder, the one stored with the pretrained weights is kept (measured when they store none)
         self.register_buffer("scale_factor", torch.tensor(1.0))

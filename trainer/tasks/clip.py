@@ -24,6 +24,7 @@ from open_clip.loss import ClipLoss, SigLipLoss
 
 from trainer.errors import ConfigError
 from trainer.models.clip import LOGIT_SCALE_MAX, build_clip, export_clip
+from trainer.tasks.compilation import compile_in_place
 from trainer.tasks.optimization import adamw_with_schedule
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,7 @@ class CLIPTask(pl.LightningModule):
         positives: str | None = None,
         retrieval_ks: Sequence[int] = (1, 5, 10),
         export: bool = True,
+        compile: Any = None,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -237,6 +239,7 @@ class CLIPTask(pl.LightningModule):
             self.model.lock_text_tower()
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        compile_in_place(self.model, compile)
         self.optimizer_cfg = {"lr": 5e-4, "weight_decay": 0.2, "betas": (0.9, 0.98), "eps": 1e-6, **(optimizer or {})}
         self.scheduler_cfg = {"warmup_steps": 0, "total_steps": None, "min_lr_ratio": 0.0, **(scheduler or {})}
         self.zero_shot = _zero_shot_spec(zero_shot)

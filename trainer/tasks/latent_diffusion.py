@@ -59,6 +59,7 @@ from trainer.lora import apply_lora, merge_adapters, parse_lora_config, save_ada
 from trainer.models.autoencoder import AutoencoderKL
 from trainer.models.text_encoder import TextEncoder
 from trainer.models.unet import UNetModel
+from trainer.tasks.compilation import compile_in_place
 from trainer.tasks.optimization import adamw_with_schedule, ema_multi_avg_fn
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class LatentDiffusionTask(pl.LightningModule):
         pretrained: str | None = None,
         gradient_checkpointing: bool | None = None,
         channels_last: bool = False,
+        compile: Any = None,
         validation: Mapping[str, Any] | None = None,
         export: bool = True,
         lora: Mapping[str, Any] | None = None,
@@ -160,6 +162,7 @@ class LatentDiffusionTask(pl.LightningModule):
             self.unet.to_channels_last()
             self.autoencoder.to_channels_last()
         self.ema_unet = self._make_ema(ema_decay) if ema_decay else None
+        compile_in_place(self.unet, compile)  # after the EMA copy, which stays eager
         schedule = {
             "name": "scaled_linear",
             "num_timesteps": 1000,

@@ -1,0 +1,51 @@
+"""``task.compile``: ``torch.compile`` for the module a task trains, from its config.
+
+The tasks compile in place (``nn.Module.compile``), so parameter names, checkpoints, exports, EMA copies and
+LoRA adapters see the plain module; only its ``__call__`` runs through the compiled graph. The value is one of
+
+- ``false`` / ``null``: eager (the default);
+- ``true``: ``torch.compile`` with its defaults (inductor, mode ``default``);
+- a mapping of ``torch.compile`` keywords, e.g. ``{mode: max-autotune-no-cudagraphs, dynamic: false}``.
+
+The first steps are slow while the graphs compile (tens of seconds on a GPU for an SD-sized UNet); validation
+sampling at other batch sizes compiles again. ``docs/benchmarks.md`` records what it gains.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from trainer.errors import ConfigError
+
+#: torch.compile's keywords, read off its signature (``model`` is the module itself)
+COMPILE_KEYS = frozenset(inspect.signature(torch.compile).parameters) - {"model"}
+
+
+def compile_options(value: Any, source: str = "task.compile") -> dict[str, Any] | None:
+    """The ``torch.compile`` keywords that ``value`` (a ``task.compile`` setting) asks for, or None for eager."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - COMPILE_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"{source} has keys torch.compile does not take: {unknown}; it takes {sorted(COMPILE_KEYS)}"
+            )
+        return dict(value)
+    raise ConfigError(f"{source} must be true, false or a mapping of torch.compile keywords, got {value!r}")
+
+
+def compile_in_place(module: torch.nn.Module, value: Any, source: str = "task.compile") -> bool:
+    """Compile ``module``'s calls in place when ``value`` asks for it (see :func:`compile_options`); returns
+    whether it did. Call it after the copies of the module are made (EMA), so that they stay eager."""
+    options = compile_options(value, source)
+    if options is None:
+        return False
+    module.compile(**options)
+    return True
