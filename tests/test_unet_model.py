@@ -317,6 +317,26 @@ def test_channels_last_matches_contiguous(config: dict) -> None:
             torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_wrapped_blocks_still_get_their_conditioning() -> None:
+    """FSDP (trainer=fsdp wraps every ResBlock and SpatialTransformer) and activation checkpointing replace the
+    blocks with wrappers of another class; the UNet must still pass each its embedding or context (an H100 run
+    under FSDP failed with "ResBlock.forward() missing 1 required positional argument" before)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = randomized(UNetModel.from_config(TINY)).eval()
+    latents, timesteps, context = inputs(TINY, size=(8, 8))
+    with torch.no_grad():
+        expected = model(latents, timesteps, context)
+        wrapped = 0
+        for block in (*model.input_blocks, model.middle_block, *model.output_blocks):
+            for i, layer in enumerate(block):
+                if isinstance(layer, ResBlock | SpatialTransformer):
+                    block[i] = checkpoint_wrapper(layer)
+                    wrapped += 1
+        assert wrapped > 0 and not any(isinstance(m, ResBlock) for m in model.middle_block)
+        torch.testing.assert_close(model(latents, timesteps, context), expected)
+
+
 def test_state_dict_round_trip_strict(tmp_path: Path) -> None:
     source = randomized(UNetModel.from_config(TINY_CONV), seed=0).eval()
     save_file(source.state_dict(), tmp_path / "unet.safetensors")

@@ -153,6 +153,8 @@ class ResBlock(nn.Module):
     dropout -> conv3x3 (zero-initialised), plus a residual that a 1x1 ``skip_connection`` projects when the channel
     count changes."""
 
+    conditioning = "embedding"  # what TimestepEmbedSequential passes it beside the features
+
     def __init__(self, channels: int, embed_channels: int, out_channels: int, dropout: float, groups: int = 32) -> None:
         super().__init__()
         self.in_layers = nn.Sequential(
@@ -246,6 +248,8 @@ class SpatialTransformer(nn.Module):
     ``proj_in``, ``transformer_blocks``, ``proj_out`` (zero-initialised), plus a residual. The projections are 1x1
     convs on the map (SD 1.x) or, with ``use_linear``, Linears on the sequence (SD 2.x); both compute the same."""
 
+    conditioning = "context"  # what TimestepEmbedSequential passes it beside the features
+
     def __init__(
         self,
         channels: int,
@@ -318,15 +322,17 @@ class Upsample(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """One entry of ``input_blocks``, ``output_blocks`` or the ``middle_block``: its layers in order, ResBlocks given
     the timestep embedding and SpatialTransformers the context, each recomputed in the backward pass when
-    ``checkpointing``."""
+    ``checkpointing``. A layer says what it takes by its ``conditioning`` attribute, not by its class: wrappers
+    (FSDP units, activation checkpointing) hide the class but pass attribute lookups through to the layer."""
 
     def forward(self, h: Tensor, embedding: Tensor, context: Tensor, checkpointing: bool = False) -> Tensor:
         for layer in self:
-            if isinstance(layer, ResBlock | SpatialTransformer):
-                condition = embedding if isinstance(layer, ResBlock) else context
-                h = checkpoint(layer, h, condition, use_reentrant=False) if checkpointing else layer(h, condition)
-            else:
+            kind = getattr(layer, "conditioning", None)
+            if kind is None:
                 h = layer(h)
+                continue
+            condition = embedding if kind == "embedding" else context
+            h = checkpoint(layer, h, condition, use_reentrant=False) if checkpointing else layer(h, condition)
         return h
 
 
