@@ -75,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per mode (compilation happens here)")
     parser.add_argument("--compile-mode", default="default", help="torch.compile's mode in the +compile rows")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU (H100 SXM dense bf16: 989)")
+    parser.add_argument("--profile", action="store_true", help="print each mode's top GPU kernels (3 profiled steps)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -223,6 +224,24 @@ def run_mode(case: Case, mode: str, args: argparse.Namespace, device: torch.devi
         losses.append(value)
         nonfinite += not math.isfinite(value)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                optimizer.zero_grad(set_to_none=True)
+                with autocast(device, mode):
+                    loss = case.loss(model, inputs)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            synchronize(device)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(
+            f"## {case.name} {mode}: 3 steps\n"
+            + prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60)
+        )
     del model, optimizer
     return {
         "step_s": statistics.median(times[args.warmup :]),

@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
 # The GPU checks behind docs/benchmarks.md "On an H100": run from the repository root on a machine with a GPU.
 #
-#   tools/bench/gpu_check.sh OUT [SECTION ...]     (default sections: env paths fastdemo variants)
+#   tools/bench/gpu_check.sh OUT [SECTION ...]     (default sections: env paths fastdemo variants profile)
 #
 #   env       the GPU, driver and package versions
 #   paths     tools/bench/cuda_paths.py: fp32 / bf16 / fp16 / channels_last steps of SD 1.5's UNet, the kl-f8 VAE
 #             and ViT-B/32, with MFU and the attention kernels SDPA picks
+#   profile   the SD 1.5 UNet's bf16 step (plain and channels_last) under the profiler: its top GPU kernels
 #   compile   the same with torch.compile (UNet and VAE in channels_last, CLIP plain); compiling takes minutes
 #   fastdemo  python -m trainer.demo --fast --device cuda: the three stages through Hydra and Lightning on the GPU
 #   variants  on the fast demo's shards and exports, short Hydra runs of the paths the demo does not take:
 #             16-mixed for all three stages, channels_last, task.compile, and the FSDP strategy on one GPU
+#   fsdp      only the FSDP variant (after fastdemo)
 #   demo      the full demo on the GPU (DEMO_ARGS, e.g. "--ldm-steps 6600", are passed on)
 #
 # Each section's full log is WORK/<section>.log (WORK: /tmp/latentloom-gpu-check by default); OUT/gpu_check.log
 # gathers their ends (the last 300 lines of a section that failed). A section that fails does not stop the others.
 # The last lines printed are a summary: one line per section and per variant, with its exit status.
 set -u
-out=${1:?usage: tools/bench/gpu_check.sh OUT [env|paths|compile|fastdemo|variants|demo ...]}
+out=${1:?usage: tools/bench/gpu_check.sh OUT [env|paths|profile|compile|fastdemo|variants|fsdp|demo ...]}
 shift
-sections=${*:-env paths fastdemo variants}
+sections=${*:-env paths fastdemo variants profile}
 py=${PYTHON:-python3}
 work=${WORK:-/tmp/latentloom-gpu-check}
 mkdir -p "$out" "$work"
@@ -30,7 +32,7 @@ section() {  # section NAME TIMEOUT_S COMMAND...: run with a time limit, log it,
     local start=$SECONDS
     timeout "$limit" "$@" >"$work/$name.log" 2>&1
     local status=$?
-    local keep=40
+    local keep=120
     [ "$status" -ne 0 ] && keep=300
     { echo "=== $name (exit $status): $*"; tail -n "$keep" "$work/$name.log"; } | tee -a "$out/gpu_check.log"
     summary+=("$name: exit $status in $((SECONDS - start)) s")
@@ -68,17 +70,24 @@ print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), pl.__
     paths)
         section paths 400 "$py" tools/bench/cuda_paths.py --modes fp32 bf16 fp16 bf16+cl
         ;;
+    profile)
+        section profile 300 "$py" tools/bench/cuda_paths.py --models unet --modes bf16 bf16+cl --iters 3 --profile
+        ;;
     compile)
-        section compile-conv 420 "$py" tools/bench/cuda_paths.py --models unet vae --modes bf16+cl bf16+cl+compile
-        section compile-clip 240 "$py" tools/bench/cuda_paths.py --models clip --modes bf16 bf16+compile
+        section compile-conv 300 "$py" tools/bench/cuda_paths.py --models unet vae --modes bf16+cl bf16+cl+compile
+        section compile-clip 150 "$py" tools/bench/cuda_paths.py --models clip --modes bf16 bf16+compile
         ;;
     fastdemo)
         section fastdemo 400 "$py" -m trainer.demo --fast --device cuda --out "$work/fast"
         ;;
-    variants)
+    variants | fsdp)
         clip=$work/fast/clip/export/clip
         vae=$work/fast/autoencoder/export/autoencoder.safetensors
         ldm=("task.text_encoder.source=$clip" "task.autoencoder.checkpoint=$vae")
+        if [ "$s" = fsdp ]; then
+            variant ldm-fsdp shapes_ldm "${ldm[@]}" trainer=fsdp trainer.devices=1
+            continue
+        fi
         variant clip-fp16 shapes_clip trainer.precision=16-mixed
         variant clip-compile shapes_clip trainer.precision=bf16-mixed task.compile=true
         variant vae-fp16-cl shapes_autoencoder trainer.precision=16-mixed task.channels_last=true
