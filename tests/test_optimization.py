@@ -7,7 +7,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from trainer.errors import ConfigError
-from trainer.tasks.compilation import compile_in_place, compile_options
+from trainer.tasks.compilation import compile_in_place, compile_options, forward_context
 from trainer.tasks.optimization import ema_multi_avg_fn
 
 
@@ -43,3 +43,17 @@ def test_task_compile_values_map_to_torch_compile_keywords() -> None:
     module = torch.nn.Linear(2, 2)
     assert not compile_in_place(module, False) and module._compiled_call_impl is None
     assert compile_in_place(module, {"backend": "eager"}) and module._compiled_call_impl is not None
+
+
+def test_forward_context_is_the_trainers_autocast_and_nothing_without_one() -> None:
+    import pytorch_lightning as pl
+
+    task = pl.LightningModule()
+    with forward_context(task):
+        assert not torch.is_autocast_enabled("cpu")
+    task.trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False)
+    with forward_context(task):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    task.trainer = pl.Trainer(accelerator="cpu", precision="32-true", logger=False, enable_progress_bar=False)
+    with forward_context(task):
+        assert not torch.is_autocast_enabled("cpu")

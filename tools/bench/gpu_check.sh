@@ -11,7 +11,7 @@
 #   fastdemo  python -m trainer.demo --fast --device cuda: the three stages through Hydra and Lightning on the GPU
 #   variants  on the fast demo's shards and exports, short Hydra runs of the paths the demo does not take:
 #             16-mixed for all three stages, channels_last, task.compile, and the FSDP strategy on one GPU
-#   fsdp      only the FSDP variant (after fastdemo)
+#   fsdp      the three stages under FSDP on one GPU (after fastdemo)
 #   demo      the full demo on the GPU (DEMO_ARGS, e.g. "--ldm-steps 6600", are passed on)
 #
 # Each section's full log is WORK/<section>.log (WORK: /tmp/latentloom-gpu-check by default); OUT/gpu_check.log
@@ -86,6 +86,8 @@ print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), pl.__
         ldm=("task.text_encoder.source=$clip" "task.autoencoder.checkpoint=$vae")
         if [ "$s" = fsdp ]; then
             variant ldm-fsdp shapes_ldm "${ldm[@]}" trainer=fsdp trainer.devices=1
+            variant clip-fsdp shapes_clip trainer=fsdp trainer.devices=1
+            variant vae-fsdp shapes_autoencoder trainer=fsdp trainer.devices=1
             continue
         fi
         variant clip-fp16 shapes_clip trainer.precision=16-mixed

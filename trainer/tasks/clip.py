@@ -24,7 +24,7 @@ from open_clip.loss import ClipLoss, SigLipLoss
 
 from trainer.errors import ConfigError
 from trainer.models.clip import LOGIT_SCALE_MAX, build_clip, export_clip
-from trainer.tasks.compilation import compile_in_place
+from trainer.tasks.compilation import compile_in_place, forward_context
 from trainer.tasks.optimization import adamw_with_schedule
 
 log = logging.getLogger(__name__)
@@ -378,11 +378,14 @@ class CLIPTask(pl.LightningModule):
 
     @torch.no_grad()
     def class_embeddings(self, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-        """Zero-shot classifier weights: the normalized mean text embedding of each class's prompts."""
+        """Zero-shot classifier weights: the normalized mean text embedding of each class's prompts, in the training
+        precision (as the image features it is compared with)."""
         weights = []
         for name in classes:
             tokens = self.tokenizer([template.format(name) for template in templates]).to(self.device)
-            embedding = F.normalize(self.model.encode_text(tokens).float(), dim=-1).mean(dim=0)
+            with forward_context(self):
+                text = self.model.encode_text(tokens)
+            embedding = F.normalize(text.float(), dim=-1).mean(dim=0)
             weights.append(F.normalize(embedding, dim=0))
         return torch.stack(weights)  # (classes, dim)
 

@@ -1,4 +1,5 @@
-"""``task.compile``: ``torch.compile`` for the module a task trains, from its config.
+"""How a task runs its module: ``task.compile`` (``torch.compile`` for the module a task trains, from its config),
+and :func:`forward_context`, the training precision for the forward passes the tasks make outside a step.
 
 The tasks compile in place (``nn.Module.compile``), so parameter names, checkpoints, exports, EMA copies and
 LoRA adapters see the plain module; only its ``__call__`` runs through the compiled graph. The value is one of
@@ -13,6 +14,7 @@ sampling at other batch sizes compiles again. ``docs/benchmarks.md`` records wha
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -49,3 +51,12 @@ def compile_in_place(module: torch.nn.Module, value: Any, source: str = "task.co
         return False
     module.compile(**options)
     return True
+
+
+def forward_context(task: Any) -> contextlib.AbstractContextManager:
+    """The autocast that Lightning's precision plugin wraps every step in, for the forward passes a task makes
+    outside one (validation sample grids, zero-shot classifiers in ``on_validation_epoch_end``): under FSDP's
+    mixed precision the gathered weights are bf16/fp16, and a float32 input outside autocast fails ("expected
+    scalar type Float but found BFloat16", seen on an H100). Nothing outside a trainer."""
+    trainer = getattr(task, "_trainer", None)
+    return trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()

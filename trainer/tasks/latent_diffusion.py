@@ -59,7 +59,7 @@ from trainer.lora import apply_lora, merge_adapters, parse_lora_config, save_ada
 from trainer.models.autoencoder import AutoencoderKL
 from trainer.models.text_encoder import TextEncoder
 from trainer.models.unet import UNetModel
-from trainer.tasks.compilation import compile_in_place
+from trainer.tasks.compilation import compile_in_place, forward_context
 from trainer.tasks.optimization import adamw_with_schedule, ema_multi_avg_fn
 
 log = logging.getLogger(__name__)
@@ -359,7 +359,7 @@ class LatentDiffusionTask(pl.LightningModule):
             for bucket, value in enumerate(per_bucket):
                 self.log(f"val/loss_t{bucket * 1000 // buckets:03d}", value, sync_dist=True)
             self.log("val/loss", per_bucket.mean(), sync_dist=True, prog_bar=True)
-        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+        if not self.trainer.sanity_checking:
             self.log_sample_grid()
 
     def pipeline(self, use_ema: bool = True) -> LatentDiffusion:
@@ -395,12 +395,17 @@ class LatentDiffusionTask(pl.LightningModule):
         return (images + 1) / 2, list(prompts)
 
     def log_sample_grid(self) -> None:
+        """Sample the grid on every rank (FSDP's sharded units need every rank in each forward; under DDP the other
+        ranks would wait for rank 0 at the next step anyway), in the training precision; rank 0 saves and logs it."""
         from torchvision.utils import make_grid, save_image
 
         was_training = self.unet.training
         self.unet.eval()
-        images, prompts = self.sample_grid()
+        with forward_context(self):
+            images, prompts = self.sample_grid()
         self.unet.train(was_training)
+        if not self.trainer.is_global_zero:
+            return
         grid = make_grid(images.float().cpu(), nrow=min(len(images), 8))
         folder = Path(self.trainer.default_root_dir) / "images"
         folder.mkdir(parents=True, exist_ok=True)
