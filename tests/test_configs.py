@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -189,3 +190,23 @@ def test_a_wrong_class_path_in_the_fsdp_config_fails_clearly() -> None:
 
     with pytest.raises(ConfigError, match="trainer.models.unet.NoSuchBlock"):
         fsdp(wrap=["trainer.models.unet.NoSuchBlock"])
+
+
+def test_fsdp_refuses_clip_and_the_autoencoder_before_any_work() -> None:
+    """torch's FSDP refuses 0-dim parameters deep in its setup (seen on an H100: open_clip's logit_scale, the
+    autoencoder loss's logvar); the entry point says so first, and lets the latent diffusion task through."""
+    from tiny import AE, CLIP
+    from trainer.errors import ConfigError
+    from trainer.strategies import check_strategy, fsdp
+    from trainer.tasks.autoencoder import AutoencoderTask
+    from trainer.tasks.clip import CLIPTask
+
+    strategy = fsdp(wrap=["trainer.models.unet.ResBlock"])
+    clip = CLIPTask({"name": "fsdp-test-clip", "config": CLIP})
+    with pytest.raises(ConfigError, match=r"cannot shard CLIPTask: .*\(model.logit_scale\).*trainer=ddp"):
+        check_strategy(clip, strategy)
+    with pytest.raises(ConfigError, match=r"cannot shard AutoencoderTask: .*\(logvar\)"):
+        check_strategy(AutoencoderTask(AE), strategy)
+    check_strategy(clip, "auto")  # other strategies: nothing to check
+    unet = torch.nn.Sequential(torch.nn.Linear(2, 2))  # no 0-dim parameters, as in the LDM task
+    check_strategy(unet, strategy)

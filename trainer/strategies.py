@@ -49,3 +49,19 @@ def fsdp(
     if activation_checkpointing:
         options["activation_checkpointing_policy"] = {import_class(path) for path in activation_checkpointing}
     return FSDPStrategy(cpu_offload=cpu_offload, **options, **kwargs)
+
+
+def check_strategy(task: Any, strategy: Any) -> None:
+    """Refuse, before any work, a task that ``strategy`` cannot run: torch's FSDP refuses 0-dim parameters
+    (open_clip's ``logit_scale``, the autoencoder loss's ``logvar``), deep in its setup."""
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    if not isinstance(strategy, FSDPStrategy):
+        return
+    scalars = [name for name, parameter in task.named_parameters() if parameter.dim() == 0]
+    if scalars:
+        raise ConfigError(
+            f"trainer=fsdp cannot shard {type(task).__name__}: torch's FSDP refuses 0-dim parameters "
+            f"({', '.join(scalars)}). FSDP is for UNets too large for one GPU (the latent diffusion stage); train "
+            "CLIP and the autoencoder with trainer=ddp, as their models fit on one GPU"
+        )
