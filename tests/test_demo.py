@@ -89,6 +89,14 @@ def test_ldm_steps_below_one_are_refused_before_any_work(tmp_path: Path, capsys)
     assert not (tmp_path / "demo").exists()
 
 
+def test_fp16_is_refused_on_the_cpu_before_any_work(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--precision", "16-mixed", "--device", "cpu", "--out", str(tmp_path / "demo")])
+    assert exit_info.value.code == 2
+    assert "--precision 16-mixed is for GPUs" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [

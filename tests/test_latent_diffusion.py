@@ -361,3 +361,102 @@ def test_task_compile_compiles_the_unet_in_place_to_the_same_loss_and_gradients(
     grads = [torch.cat([p.grad.flatten() for p in task.unet.parameters()]) for task in (eager, compiled)]
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def _fsdp_rank(rank: int, stages: Path, port: int, results: Path) -> None:
+    """One rank of test_fsdp_shards_the_ldm_and_its_ema_and_samples_the_grid_on_every_rank."""
+    import os
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    import yaml
+    from pytorch_lightning.plugins.precision import Precision
+    from pytorch_lightning.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from trainer.strategies import import_class
+    from trainer.tasks.latent_diffusion import full_parameters
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    task = make_task(stages)
+    wrap = yaml.safe_load((REPO / "configs" / "trainer" / "fsdp.yaml").read_text())["strategy"]["wrap"]
+    task.forward = lambda *args: task.diffusion_loss(*args).mean()  # what Lightning routes through the root
+    policy = ModuleWrapPolicy({import_class(p) for p in wrap})
+    root = FSDP(task, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
+    strategy = FSDPStrategy()
+    strategy.model = root
+    optimizer = torch.optim.AdamW([p for p in root.parameters() if p.requires_grad], lr=1e-2)
+    generator = torch.Generator().manual_seed(rank)
+    snapshots = []
+    for _ in range(2):
+        latents, noise = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 4, 16, 16, generator=generator)
+        context = torch.randn(2, 16, 64, generator=generator)
+        root(latents, context, torch.tensor([10, 900]), noise).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        task.ema_unet.update_parameters(task.unet)  # each rank its own shards of both
+        with full_parameters(strategy):
+            snapshots.append(
+                (
+                    torch.cat([p.detach().flatten() for p in task.unet.parameters()]),
+                    torch.cat([p.detach().flatten() for p in task.ema_unet.module.parameters()]),
+                )
+            )
+    with full_parameters(strategy):
+        images, _ = task.sample_grid()
+    # the task's own path, as on_validation_epoch_end takes it on every rank under FSDP: rank 0 saves the grid
+    task._trainer = SimpleNamespace(
+        strategy=strategy,
+        is_global_zero=rank == 0,
+        default_root_dir=str(results / f"run{rank}"),
+        loggers=[],
+        global_step=2,
+        precision_plugin=Precision(),
+    )
+    task.log_sample_grid()
+    torch.save({"snapshots": snapshots, "images": images}, results / f"rank{rank}.pt")
+    # the UNet and its EMA alone, as the frozen stages' embedding tables can leave both wholly on one rank above:
+    # the EMA updates shard by shard only because the two are units of one layout (UNetModel is in the wrap list)
+    from torch.optim.swa_utils import AveragedModel
+
+    from trainer.models.unet import UNetModel
+    from trainer.tasks.optimization import ema_multi_avg_fn
+
+    pair = torch.nn.ModuleDict({"unet": UNetModel.from_config(UNET)})
+    pair["ema"] = AveragedModel(pair["unet"], multi_avg_fn=ema_multi_avg_fn(0.9), use_buffers=True)
+    pair["ema"].requires_grad_(False)
+    pair.forward = lambda *args: pair["unet"](*args).mean()
+    root = FSDP(pair, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
+    root(latents, torch.tensor([10, 900]), context).backward()
+    pair["ema"].update_parameters(pair["unet"])
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_fsdp_shards_the_ldm_and_its_ema_and_samples_the_grid_on_every_rank(stages: Path, tmp_path: Path) -> None:
+    """trainer=fsdp's wrap list on 2 CPU ranks (gloo; Lightning runs FSDP on GPUs only, and these are the parts it
+    leaves to the task): the EMA updates shard by shard, because the UNet and its copy are units of one layout, and
+    the sample grid, whose modules run outside the root's forward, samples inside full_parameters on every rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_rank, args=(stages, port, tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    (unet1, ema1), (unet2, ema2) = ranks[0]["snapshots"]
+    assert not torch.equal(unet1, unet2)  # it trained
+    torch.testing.assert_close(ema1, unet1)  # the first update copies the weights
+    weight = 1 - min(0.9, 2 / 11)  # the second: the warmup's share of the new weights
+    torch.testing.assert_close(ema2, ema1 + weight * (unet2 - ema1), rtol=1e-5, atol=1e-6)
+    for key in ("snapshots", "images"):  # every rank sees the same whole model and samples the same grid
+        torch.testing.assert_close(ranks[1][key], ranks[0][key])
+    assert ranks[0]["images"].shape == (2, 3, 32, 32) and torch.isfinite(ranks[0]["images"]).all()
+    assert (tmp_path / "run0" / "images" / "samples_00000002.png").is_file()
+    assert not (tmp_path / "run1").exists()

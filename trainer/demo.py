@@ -297,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     device = demo_device(args.device)
+    if device == "cpu" and args.precision == "16-mixed":
+        parser.error("--precision 16-mixed is for GPUs; on the CPU use bf16-mixed or 32-true")
     precision = stage_precision(args.precision, device=device)
     plan = dict(SCHEDULES["fast" if args.fast else "full"])
     if args.ldm_steps is not None:

@@ -331,6 +331,8 @@ class TimestepEmbedSequential(nn.Sequential):
             if kind is None:
                 h = layer(h)
                 continue
+            if kind not in ("embedding", "context"):
+                raise ValueError(f"{type(layer).__name__}.conditioning must be 'embedding' or 'context', got {kind!r}")
             condition = embedding if kind == "embedding" else context
             h = checkpoint(layer, h, condition, use_reentrant=False) if checkpointing else layer(h, condition)
         return h

@@ -19,6 +19,7 @@ file ``export/lora.safetensors`` instead of the full ``export/ldm.safetensors`` 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import random
@@ -359,7 +360,7 @@ class LatentDiffusionTask(pl.LightningModule):
             for bucket, value in enumerate(per_bucket):
                 self.log(f"val/loss_t{bucket * 1000 // buckets:03d}", value, sync_dist=True)
             self.log("val/loss", per_bucket.mean(), sync_dist=True, prog_bar=True)
-        if not self.trainer.sanity_checking:
+        if not self.trainer.sanity_checking and (self.trainer.is_global_zero or _sharded(self.trainer.strategy)):
             self.log_sample_grid()
 
     def pipeline(self, use_ema: bool = True) -> LatentDiffusion:
@@ -395,13 +396,14 @@ class LatentDiffusionTask(pl.LightningModule):
         return (images + 1) / 2, list(prompts)
 
     def log_sample_grid(self) -> None:
-        """Sample the grid on every rank (FSDP's sharded units need every rank in each forward; under DDP the other
-        ranks would wait for rank 0 at the next step anyway), in the training precision; rank 0 saves and logs it."""
+        """Sample the grid in the training precision and save and log it (rank 0). Under FSDP every rank samples,
+        inside ``summon_full_params``: the modules are called outside the root's forward, where the parameters
+        outside the wrapped units are each rank's flat shards, and gathering them needs every rank."""
         from torchvision.utils import make_grid, save_image
 
         was_training = self.unet.training
         self.unet.eval()
-        with forward_context(self):
+        with full_parameters(self.trainer.strategy), forward_context(self):
             images, prompts = self.sample_grid()
         self.unet.train(was_training)
         if not self.trainer.is_global_zero:
@@ -427,6 +429,23 @@ class LatentDiffusionTask(pl.LightningModule):
         return adamw_with_schedule(
             self.trainable_parameters(), self.optimizer_cfg, self.scheduler_cfg, self.trainer.max_steps
         )
+
+
+def _sharded(strategy: Any) -> bool:
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
+
+
+def full_parameters(strategy: Any) -> contextlib.AbstractContextManager:
+    """Under FSDP, every parameter whole on every rank for the block (``summon_full_params`` of the root, not
+    written back); elsewhere nothing."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    root = getattr(strategy, "model", None)
+    if _sharded(strategy) and isinstance(root, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(root, writeback=False)
+    return contextlib.nullcontext()
 
 
 def _ema_of_unshared(decay: float):
