@@ -449,7 +449,7 @@ def test_fsdp_shards_the_ldm_and_its_ema_and_samples_the_grid_on_every_rank(stag
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_fsdp_rank, args=(stages, port, tmp_path), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     (unet1, ema1), (unet2, ema2) = ranks[0]["snapshots"]
     assert not torch.equal(unet1, unet2)  # it trained
     torch.testing.assert_close(ema1, unet1)  # the first update copies the weights

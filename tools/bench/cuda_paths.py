@@ -211,16 +211,21 @@ def run_mode(case: Case, mode: str, args: argparse.Namespace, device: torch.devi
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    times, losses, nonfinite = [], [], 0
-    for _ in range(args.warmup + args.iters):
-        synchronize(device)
-        start = time.perf_counter()
+
+    def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, mode):
             loss = case.loss(model, inputs)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        return loss
+
+    times, losses, nonfinite = [], [], 0
+    for _ in range(args.warmup + args.iters):
+        synchronize(device)
+        start = time.perf_counter()
+        loss = step()
         synchronize(device)
         times.append(time.perf_counter() - start)
         value = loss.item()
@@ -233,19 +238,13 @@ def run_mode(case: Case, mode: str, args: argparse.Namespace, device: torch.devi
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
             for _ in range(3):
-                optimizer.zero_grad(set_to_none=True)
-                with autocast(device, mode):
-                    loss = case.loss(model, inputs)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                step()
             synchronize(device)
         sort = "self_cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         print(
             f"## {case.name} {mode}: 3 steps\n"
             + prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60)
         )
-    del model, optimizer
     return {
         "step_s": statistics.median(times[args.warmup :]),
         "first_s": times[0],
