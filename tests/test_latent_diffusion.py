@@ -375,8 +375,7 @@ def _fsdp_rank(rank: int, stages: Path, port: int, results: Path) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from trainer.strategies import import_class
-    from trainer.tasks.latent_diffusion import full_parameters
+    from trainer.strategies import full_parameters, import_class
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

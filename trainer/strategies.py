@@ -10,6 +10,7 @@ communication per step.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Sequence
 from typing import Any
@@ -51,12 +52,29 @@ def fsdp(
     return FSDPStrategy(cpu_offload=cpu_offload, **options, **kwargs)
 
 
+def is_fsdp(strategy: Any) -> bool:
+    """Whether ``strategy`` (a Lightning strategy object) shards the model with FSDP."""
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
+
+
+def full_parameters(strategy: Any) -> contextlib.AbstractContextManager:
+    """Under FSDP, every parameter whole on every rank for the block (``summon_full_params`` of the root, not
+    written back): for modules called outside the root's forward, where the parameters outside the wrapped units
+    are each rank's flat shards. Every rank must enter it. Elsewhere nothing."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    root = getattr(strategy, "model", None)
+    if is_fsdp(strategy) and isinstance(root, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(root, writeback=False)
+    return contextlib.nullcontext()
+
+
 def check_strategy(task: Any, strategy: Any) -> None:
     """Refuse, before any work, a task that ``strategy`` cannot run: torch's FSDP refuses 0-dim parameters
     (open_clip's ``logit_scale``, the autoencoder loss's ``logvar``), deep in its setup."""
-    from pytorch_lightning.strategies import FSDPStrategy
-
-    if not isinstance(strategy, FSDPStrategy):
+    if not is_fsdp(strategy):
         return
     scalars = [name for name, parameter in task.named_parameters() if parameter.dim() == 0]
     if scalars:

@@ -19,7 +19,6 @@ file ``export/lora.safetensors`` instead of the full ``export/ldm.safetensors`` 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import random
@@ -60,6 +59,7 @@ from trainer.lora import apply_lora, merge_adapters, parse_lora_config, save_ada
 from trainer.models.autoencoder import AutoencoderKL
 from trainer.models.text_encoder import TextEncoder
 from trainer.models.unet import UNetModel
+from trainer.strategies import full_parameters, is_fsdp
 from trainer.tasks.compilation import compile_in_place, forward_context
 from trainer.tasks.optimization import adamw_with_schedule, ema_multi_avg_fn
 
@@ -360,7 +360,7 @@ class LatentDiffusionTask(pl.LightningModule):
             for bucket, value in enumerate(per_bucket):
                 self.log(f"val/loss_t{bucket * 1000 // buckets:03d}", value, sync_dist=True)
             self.log("val/loss", per_bucket.mean(), sync_dist=True, prog_bar=True)
-        if not self.trainer.sanity_checking and (self.trainer.is_global_zero or _sharded(self.trainer.strategy)):
+        if not self.trainer.sanity_checking and (self.trainer.is_global_zero or is_fsdp(self.trainer.strategy)):
             self.log_sample_grid()
 
     def pipeline(self, use_ema: bool = True) -> LatentDiffusion:
@@ -429,23 +429,6 @@ class LatentDiffusionTask(pl.LightningModule):
         return adamw_with_schedule(
             self.trainable_parameters(), self.optimizer_cfg, self.scheduler_cfg, self.trainer.max_steps
         )
-
-
-def _sharded(strategy: Any) -> bool:
-    from pytorch_lightning.strategies import FSDPStrategy
-
-    return isinstance(strategy, FSDPStrategy)
-
-
-def full_parameters(strategy: Any) -> contextlib.AbstractContextManager:
-    """Under FSDP, every parameter whole on every rank for the block (``summon_full_params`` of the root, not
-    written back); elsewhere nothing."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    root = getattr(strategy, "model", None)
-    if _sharded(strategy) and isinstance(root, FullyShardedDataParallel):
-        return FullyShardedDataParallel.summon_full_params(root, writeback=False)
-    return contextlib.nullcontext()
 
 
 def _ema_of_unshared(decay: float):
