@@ -3,10 +3,13 @@ folder is on PYTHONPATH: ``+callbacks.kill._target_=faults.KillAtStep +callbacks
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 
 import pytorch_lightning as pl
+import torch
 
 
 class KillAtStep(pl.Callback):
@@ -30,3 +33,25 @@ class SignalAtStep(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         if trainer.global_step == self.step and trainer.is_global_zero:
             os.kill(os.getpid(), self.signum)
+
+
+class RecordRanks(pl.Callback):
+    """Write, per rank, a fingerprint of torch's RNG state as the first training batch begins and of the
+    weights as training ends, to ``folder/rank<r>.json`` (draws nothing itself)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.record: dict[str, str] = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if "rng" not in self.record:
+            self.record["rng"] = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(pl_module.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().cpu().float().numpy().tobytes())
+        self.record["weights"] = digest.hexdigest()
+        os.makedirs(self.folder, exist_ok=True)
+        with open(os.path.join(self.folder, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(self.record, f)

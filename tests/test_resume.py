@@ -192,6 +192,8 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
         pytest.param("shapes_clip", True, marks=pytest.mark.distributed),
         # posterior samples draw from torch's RNG, and its two optimizers step by hand (manual optimization)
         ("shapes_autoencoder", False),
+        # each rank draws its own posterior samples (reseeded from its rank), and resumes its own RNG state
+        pytest.param("shapes_autoencoder", True, marks=pytest.mark.distributed),
     ],
 )
 def test_kill_9_and_resume_is_bitwise_identical_to_an_uninterrupted_run(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import write_shards
+
+TESTS = str(Path(__file__).resolve().parent)
 
 
 def train(tmp_path: Path, shards: Path, *overrides: str) -> Path:
@@ -32,6 +36,7 @@ def train(tmp_path: Path, shards: Path, *overrides: str) -> Path:
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])},  # faults.py
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
@@ -76,11 +81,17 @@ def test_two_process_ddp_on_cpu(tmp_path: Path) -> None:
         "trainer.strategy=ddp",
         "data.num_workers=1",
         "trainer.max_steps=2",
+        "+callbacks.ranks._target_=faults.RecordRanks",
+        f"+callbacks.ranks.folder={tmp_path / 'ranks'}",
     )
     rows = metrics(run_dir)
     assert [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     # validation gathered both ranks' features: 16 val samples in all
     assert any(r.get("val/samples") == "16.0" for r in rows)
+    # the ranks hold the same weights, and draw their own random numbers (noise, timesteps, dropout)
+    rank0, rank1 = (json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["weights"] == rank1["weights"]
+    assert rank0["rng"] != rank1["rng"]
 
 
 @pytest.mark.distributed

@@ -92,7 +92,7 @@ def _plugins(cfg: DictConfig) -> list:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job from a composed config; returns the final logged metrics."""
-    pl.seed_everything(cfg.seed, workers=True)
+    seed = pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = resume_checkpoint(cfg)
@@ -100,7 +100,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     task = instantiate(cfg.task)
     datamodule = instantiate(cfg.data, tokenizer=getattr(task, "tokenizer", None))
-    callbacks = [*_instantiate_group(cfg.callbacks), ExactResume()]
+    callbacks = [*_instantiate_group(cfg.callbacks), ExactResume(seed)]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg.pop("plugins", None)
     trainer: pl.Trainer = instantiate(

@@ -10,6 +10,13 @@ loader's ``state_dict`` by itself; this callback supplies the two things it does
 
 Validation runs inside a saved-and-restored RNG state, so how often a run validates never changes
 the random numbers training draws (noise, timesteps, caption dropout, posterior samples).
+
+It also gives every rank of a multi-process run its own random numbers. ``seed_everything`` seeds every
+rank alike, which the models need (they are built alike on every rank) but training does not want: each
+rank would draw the same noise, timesteps and caption dropout as every other, so a global batch of N ranks
+would hold only 1/N of the draws it looks like. When training starts (the models built and wrapped), rank r
+reseeds Python's, NumPy's and torch's generators from ``(seed, r)`` (as open_clip's training reseeds with
+its rank), so the draws differ between ranks and stay the same from run to run. One process is left as it is.
 """
 
 from __future__ import annotations
@@ -57,12 +64,31 @@ def _all_gather(trainer: pl.Trainer, obj: Any) -> list[Any]:
     return [obj]
 
 
-class ExactResume(pl.Callback):
-    """See the module docstring. :func:`trainer.train.train` adds it to every run."""
+def seed_rank(seed: int, rank: int) -> int:
+    """Seed Python's, NumPy's and torch's generators (CUDA's included) for rank ``rank`` of a run seeded with
+    ``seed``: a seed of its own, from NumPy's SeedSequence of ``(seed, rank)``; returns it."""
+    rank_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    random.seed(rank_seed)
+    np.random.seed(rank_seed)
+    torch.manual_seed(rank_seed)
+    return rank_seed
 
-    def __init__(self) -> None:
+
+class ExactResume(pl.Callback):
+    """See the module docstring. :func:`trainer.train.train` adds it to every run, with the run's ``seed``
+    (None: the ranks are not reseeded)."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
         self._pending: dict[str, Any] | None = None
         self._outside_validation: dict[str, Any] | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the models are built and wrapped, before the first draw of training; a resumed run then
+        # replaces these states by the checkpoint's (on_train_batch_start), so resume stays exact.
+        if self.seed is not None and trainer.world_size > 1:
+            rank_seed = seed_rank(self.seed, trainer.global_rank)
+            log.info("rank %d draws its own random numbers: reseeded with %d", trainer.global_rank, rank_seed)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
         if self._pending is not None:  # as late as possible: nothing between here and the step draws numbers
