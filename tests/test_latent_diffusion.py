@@ -51,7 +51,7 @@ def make_task(stages: Path, **kwargs) -> LatentDiffusionTask:
     )
 
 
-def fit(task: LatentDiffusionTask, stages: Path, root: Path, steps: int = 3) -> pl.Trainer:
+def fit(task: LatentDiffusionTask, stages: Path, root: Path, steps: int = 3, **trainer_options) -> pl.Trainer:
     data = ShardDataModule(
         train={"urls": str(stages / "shards" / "train.manifest.json")},
         val={"urls": str(stages / "shards" / "val.manifest.json")},
@@ -68,6 +68,7 @@ def fit(task: LatentDiffusionTask, stages: Path, root: Path, steps: int = 3) -> 
         logger=False,
         default_root_dir=root,
         enable_progress_bar=False,
+        **trainer_options,
     )
     trainer.fit(task, datamodule=data)
     return trainer
@@ -143,6 +144,12 @@ def test_training_steps_validation_grid_ema_and_export(stages: Path, tmp_path: P
     # the export is "released weights" for the next fine-tune: UNet and VAE load strictly
     fresh = make_task(stages, pretrained=str(tmp_path / "export" / "ldm.safetensors"))
     assert all(torch.equal(fresh.unet.state_dict()[k], v) for k, v in ema.items())
+
+
+def test_the_ema_follows_optimizer_steps_not_batches(stages: Path, tmp_path: Path) -> None:
+    task = make_task(stages, validation={**VALIDATION, "prompts": ["a red circle"]})
+    fit(task, stages, tmp_path, steps=2, accumulate_grad_batches=2, enable_checkpointing=False)
+    assert int(task.ema_unet.n_averaged) == 2  # 4 batches, 2 optimizer steps
 
 
 def test_an_export_records_the_unet_norm_groups_and_a_mismatch_is_refused(stages: Path, tmp_path: Path) -> None:

@@ -14,10 +14,13 @@ import pytest
 import torch
 
 from conftest import write_shards
+from tiny import AE, CLIP
 from trainer.callbacks.resume import rng_state, set_rng_state
-from trainer.checkpoints import atomic_torch_save, checkpoint_is_complete, find_resume_checkpoint
+from trainer.checkpoints import atomic_torch_save, checkpoint_is_complete, export_vae, find_resume_checkpoint
 from trainer.data.pipeline import ShardDataset, ShardLoader
 from trainer.data.transforms import ImageTransform
+from trainer.models.autoencoder import AutoencoderKL
+from trainer.models.clip import build_clip, export_clip
 
 
 def loader(shards: Path, num_workers: int, mode: str = "exact") -> ShardLoader:
@@ -184,6 +187,24 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
     assert a["lr_schedulers"] == b["lr_schedulers"]
 
 
+def ldm_stages(folder: Path) -> list[str]:
+    """Stand-ins for the CLIP and autoencoder stages of ``shapes_ldm`` (random tiny models), and the overrides
+    that train it on them with every random draw it has: posterior samples, and half the captions dropped."""
+    torch.manual_seed(0)
+    clip, _ = build_clip("resume-test-clip", CLIP)
+    export_clip(clip, "resume-test-clip", CLIP, folder / "clip")
+    export_vae(AutoencoderKL.from_config(AE), folder / "vae.safetensors", scale_factor=0.5, config=AE)
+    return [
+        f"task.text_encoder.source={folder / 'clip'}",
+        f"task.autoencoder.checkpoint={folder / 'vae.safetensors'}",
+        "task.autoencoder.posterior=sample",
+        "task.caption_dropout=0.5",
+        f"model.context_dim={CLIP['text_cfg']['width']}",
+        "task.validation.steps=2",
+        "task.export=false",
+    ]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("experiment", "ddp"),
@@ -194,6 +215,8 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
         ("shapes_autoencoder", False),
         # each rank draws its own posterior samples (reseeded from its rank), and resumes its own RNG state
         pytest.param("shapes_autoencoder", True, marks=pytest.mark.distributed),
+        # noise, timesteps, caption dropout and posterior samples, and the EMA copy
+        ("shapes_ldm", False),
     ],
 )
 def test_kill_9_and_resume_is_bitwise_identical_to_an_uninterrupted_run(
@@ -203,7 +226,10 @@ def test_kill_9_and_resume_is_bitwise_identical_to_an_uninterrupted_run(
     write_shards(shards, "train", 60, 5)  # 12 shards: 15 batches of 4 an epoch in one process, 7 per rank in two
     write_shards(shards, "val", 8, 4, seed=1)
     extra = ["trainer.devices=2", "trainer.strategy=ddp", "data.num_workers=1"] if ddp else ["data.num_workers=2"]
-    extra.append("task.export=false" if experiment == "shapes_clip" else "task.scale_factor_samples=8")
+    if experiment == "shapes_ldm":
+        extra += ldm_stages(tmp_path / "stages")
+    else:
+        extra.append("task.export=false" if experiment == "shapes_clip" else "task.scale_factor_samples=8")
     if experiment == "shapes_autoencoder":
         extra += ["task.disc_start=3"]  # the discriminator's optimizer joins mid-run
     run_cli(tmp_path / "straight", shards, experiment, *extra)

@@ -342,8 +342,11 @@ class CLIPTask(pl.LightningModule):
         accuracy = (scores[:, 0:1] > scores[:, 1:]).all(dim=1).float().mean()
         return F.cross_entropy(scores, target), accuracy
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        with torch.no_grad():  # keep the temperature in range, as open_clip does after each step
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # keep the temperature in range right after each step, as open_clip does: before any callback's
+        # on_train_batch_end, so a checkpoint written there holds the clamped value
+        with torch.no_grad():
             self.model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
 
     def on_train_end(self) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import random
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -191,7 +190,6 @@ class LatentDiffusionTask(pl.LightningModule):
             "loss_buckets": 10,
             **(validation or {}),
         }
-        self._caption_rng = random.Random(0)
         self._bucket_losses: list[torch.Tensor] = []
         self._cache_tags: tuple[str, str] | None = None
 
@@ -288,7 +286,9 @@ class LatentDiffusionTask(pl.LightningModule):
             latents = (posterior.sample() if self.posterior == "sample" else posterior.mode()) * self.scale_factor
         captions = list(batch["caption"])
         if drop_captions and self.hparams.caption_dropout > 0:
-            dropped = [self._caption_rng.random() < self.hparams.caption_dropout for _ in captions]
+            # torch's generator, like the noise and timesteps: saved with every rank's RNG states for exact
+            # resume, and each rank's own (trainer.callbacks.resume)
+            dropped = (torch.rand(len(captions)) < self.hparams.caption_dropout).tolist()
         else:
             dropped = [False] * len(captions)
         if "context" in batch and not self.text_encoder_trains:
@@ -333,7 +333,10 @@ class LatentDiffusionTask(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(latents))
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # the EMA follows each optimizer step (once per accumulated batch), before any callback's
+        # on_train_batch_end: a checkpoint written there holds the EMA of the step it names, so resume is exact
+        super().optimizer_step(*args, **kwargs)
         if self.ema_unet is not None:
             self.ema_unet.update_parameters(self.unet)
 
