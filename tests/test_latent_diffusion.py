@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import open_clip
@@ -260,14 +261,30 @@ def test_cached_latents_train_and_a_stale_cache_is_refused(stages: Path, tmp_pat
     assert latents.dtype == torch.float32 and torch.equal(context, batch["context"].float())
     # caption dropout with cached embeddings: dropped rows become the empty caption's, the others stay cached
     task.hparams.caption_dropout = 0.5
-    task._caption_rng.seed(0)
-    expected_drops = [task._caption_rng.random() < 0.5 for _ in range(4)]
-    task._caption_rng.seed(0)
+    torch.manual_seed(0)  # dropout draws from torch's generator, whose state checkpoints keep
+    expected_drops = (torch.rand(4) < 0.5).tolist()
+    torch.manual_seed(0)
     _, dropped = task.latents_and_context(batch, drop_captions=True)
     empty = task.text_encoder.encode([""])[0]
     assert any(expected_drops) and not all(expected_drops)  # seed 0 drops some rows, not all
     for row, drop in enumerate(expected_drops):
         assert torch.equal(dropped[row], empty if drop else batch["context"][row].float())
+    # a training caption transform cannot reach cached embeddings: refused, not ignored
+    task._trainer = SimpleNamespace(datamodule=SimpleNamespace(caption_transform=shapes.AttributeCaptions()))
+    with pytest.raises(ConfigError, match="data.caption_transform .* cached latents with text embeddings"):
+        task.latents_and_context(batch, drop_captions=True)
+    task.latents_and_context(batch, drop_captions=False)  # validation captions are never transformed
+    task._trainer = None
+    # the captions themselves are transformed, for a text encoder that trains (encoded live)
+    shouting = ShardDataModule(
+        train={"urls": str(cache / "train.manifest.json")},
+        batch_size=4,
+        num_workers=0,
+        image_size=32,
+        caption_transform=lambda caption, meta, rng: caption.upper(),
+    )
+    shouting.setup("fit")
+    assert [c.upper() for c in batch["caption"]] == next(iter(shouting.train_dataloader()))["caption"]
     timesteps = torch.tensor([10, 500, 900, 999])
     assert torch.isfinite(task.diffusion_loss(latents, context, timesteps, torch.randn_like(latents))).all()
 
@@ -373,7 +390,6 @@ def test_task_compile_compiles_the_unet_in_place_to_the_same_loss_and_gradients(
 def _fsdp_rank(rank: int, stages: Path, port: int, results: Path) -> None:
     """One rank of test_fsdp_shards_the_ldm_and_its_ema_and_samples_the_grid_on_every_rank."""
     import os
-    from types import SimpleNamespace
 
     import torch.distributed as dist
     import yaml

@@ -307,7 +307,7 @@ class ShardDataset(IterableDataset):
         that size; else it is resized and cropped square by ``transform``."""
         url, key = sample.get("__url__"), sample.get("__key__")
         if "latents.npy" in sample:  # a cached sample (tools/cache_latents.py): tensors instead of an image
-            return self._decode_cached(sample, faults)
+            return self._decode_cached(sample, faults, rng)
         parsed = self._parse(sample, faults)
         if parsed is None:
             return None
@@ -353,7 +353,7 @@ class ShardDataset(IterableDataset):
             return faults.skip("filtered", url, key)
         return ("image", self.buckets.assign(width, height))
 
-    def _decode_cached(self, sample: dict, faults: FaultCounter) -> dict | None:
+    def _decode_cached(self, sample: dict, faults: FaultCounter, rng: random.Random) -> dict | None:
         url, key = sample.get("__url__"), sample.get("__key__")
         try:
             meta = json.loads(sample["json"]) if "json" in sample else {}
@@ -363,6 +363,8 @@ class ShardDataset(IterableDataset):
         except (ValueError, OSError) as error:
             return faults.skip("bad_cache", url, key, error)
         caption = self._caption(sample, meta) or ""
+        if self.caption_transform is not None:  # for captions encoded live; cached embeddings cannot follow
+            caption = self.caption_transform(caption, meta, rng)  # (the LDM task refuses the two together)
         return {**item, "caption": caption, "key": key, "url": url, "meta": meta}
 
     def _collate(self, samples: list[dict], stats: dict) -> dict:

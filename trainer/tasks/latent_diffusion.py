@@ -293,6 +293,8 @@ class LatentDiffusionTask(pl.LightningModule):
             dropped = [False] * len(captions)
         if "context" in batch and not self.text_encoder_trains:
             # cached: only the dropped captions' rows change, to the empty caption's embedding
+            if drop_captions:
+                self._refuse_caption_transform()
             context = batch["context"].float()
             if any(dropped):
                 rows = torch.tensor(dropped, device=context.device)[:, None, None]
@@ -303,6 +305,18 @@ class LatentDiffusionTask(pl.LightningModule):
             with torch.enable_grad():
                 return latents, self.text_encoder(self.tokenizer(captions).to(self.device))
         return latents, self.text_encoder.encode(captions)
+
+    def _refuse_caption_transform(self) -> None:
+        """Cached text embeddings were computed from the captions as written: a training caption transform
+        (``data.caption_transform``) cannot reach them, and would be ignored without a word."""
+        transform = getattr(getattr(self._trainer, "datamodule", None), "caption_transform", None)
+        if transform is not None:
+            raise ConfigError(
+                f"data.caption_transform ({transform!r}) is set, but the training data are cached latents with "
+                "text embeddings (tools/cache_latents.py), computed from the captions as written: the transform "
+                "would be ignored. Set data.caption_transform=null, or train from the images (data.train.urls "
+                "of the image shards), or cache the latents alone (tools/cache_latents.py without --text-encoder)."
+            )
 
     def _check_cache(self, meta: dict) -> None:
         if self._cache_tags is None:  # hashing the frozen weights once; a text encoder that trains has no fixed tag
