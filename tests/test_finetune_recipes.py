@@ -5,10 +5,14 @@ base weights made here, through the entry point's own train() with the README's 
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import logging
 import math
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,7 @@ from omegaconf import OmegaConf
 
 from tiny import AE as TINY_VAE
 from trainer.checkpoints import export_vae, read_weights
-from trainer.data.folders import STAMP, cache_dir, ensure_folder_shards
+from trainer.data.folders import LOCK, STAMP, cache_dir, ensure_folder_shards
 from trainer.data.photos import load_photo
 from trainer.data.shards import read_manifest
 from trainer.errors import ConfigError, MissingFileError
@@ -141,6 +145,32 @@ def test_a_folder_becomes_shards_once_and_is_rebuilt_when_it_changes(tmp_path: P
     ensure_folder_shards(images, out, **{**options, "val_fraction": 0.0})  # other options: rebuilt, val gone
     assert "the ingest options changed" in caplog.text
     assert not (out / "val.manifest.json").exists() and read_manifest(out, "train")["total"] == 4
+
+
+def test_processes_sharing_a_folder_build_its_shards_once(tmp_path: Path) -> None:
+    """Every node's first rank prepares the data; on a shared filesystem they meet in one cache folder."""
+    images = write_folder(tmp_path / "pics", ["astronaut", "coffee", "chelsea", "coins"], max_side=48)
+    out = cache_dir(images, tmp_path / "cache")
+    script = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout);"
+        "from trainer.data.folders import ensure_folder_shards;"
+        f"ensure_folder_shards({str(images)!r}, {str(out)!r}, val_fraction=0.25)"
+    )
+    out.mkdir(parents=True)
+    with open(out / LOCK, "a") as held:  # another process is building: the newcomer waits for it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiting = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert waiting.poll() is None and not (out / STAMP).exists()
+    assert waiting.wait(timeout=120) == 0
+    log = waiting.stdout.read()
+    assert "another process is writing the shards" in log and "writing the 4 images" in log
+    (out / STAMP).unlink()  # as if never built: two start at once, one writes, the other reuses
+    both = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    logs = [process.communicate(timeout=120)[0] for process in both]
+    assert [process.returncode for process in both] == [0, 0]
+    assert sum("writing the 4 images" in log for log in logs) == 1
+    assert sum("reusing the shards" in log for log in logs) == 1
 
 
 def test_inputs_that_cannot_be_trained_on_fail_clearly(tmp_path: Path) -> None:

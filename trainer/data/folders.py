@@ -10,15 +10,20 @@ ingest options, and compares that with ``folder.json`` beside the shards. The sa
 nothing is done. Anything changed (an image added, removed or edited, a caption rewritten, another
 ``max_side``): the shards are rebuilt with :func:`trainer.data.ingest.make_shards`, and the log says why.
 ``folder.json`` is removed before a rebuild and written last, so an interrupted build is redone next time.
+The check and the build happen under a lock on ``.folder.lock`` beside the shards, so processes that share
+the folder (the first rank of every node on a shared filesystem, two runs at once) build it once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,7 @@ from trainer.errors import ConfigError, MissingFileError
 log = logging.getLogger(__name__)
 
 STAMP = "folder.json"
+LOCK = ".folder.lock"  # held while the shards are checked and (re)built
 VERSION = 1  # bump when the shards written for the same input and options change
 MISSING_CAPTIONS = ("error", "skip", "empty")
 SPLITS = ("train", "val")
@@ -117,52 +123,78 @@ def ensure_folder_shards(
         "seed": seed,
     }
     record = {"input": str(source.resolve()), "options": options, "fingerprint": fingerprint(source, items)}
-    stamp = out / STAMP
-    previous = _read_stamp(stamp)
-    if previous is not None and {k: previous.get(k) for k in record} == record and _complete(out, val_fraction):
-        log.info("%s: reusing the shards in %s (%d images, unchanged since they were written)", key, out, len(items))
-        return out
-    if previous is None:
-        log.info(
-            "%s: writing the %d images of %s as shards into %s (later runs reuse them)", key, len(items), source, out
-        )
-    else:
-        changed = "the images or captions" if previous.get("options") == options else "the ingest options"
-        log.info(
-            "%s: %s changed since %s was written: rebuilding its shards (%d images)", key, changed, out, len(items)
-        )
-
     out.mkdir(parents=True, exist_ok=True)
-    stamp.unlink(missing_ok=True)
-    _clear(out)
-    try:
-        result = make_shards(
-            source,
-            out,
-            samples_per_shard=samples_per_shard,
-            max_side=max_side,
-            image_format=image_format,
-            quality=quality,
-            val_fraction=val_fraction,
-            seed=seed,
-            caption_column=caption_column,
-            path_column=path_column,
-            require_caption=missing_captions == "skip",
-            workers=workers,
-        )
-    except IngestError as error:
-        raise ConfigError(f"{key}: {error}") from error
-    if val_fraction > 0 and "val" not in result["manifests"]:
-        raise ConfigError(f"{key}: none of the validation images could be read (see the warnings above)")
-    if result["skipped"]:
-        log.warning("%s: %d images were left out (each reported above with its reason)", key, len(result["skipped"]))
-    counts = {split: manifest["total"] for split, manifest in result["manifests"].items()}
-    record.update(images=len(items), written=counts, skipped=result["skipped"])
-    tmp = stamp.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, stamp)
-    log.info("%s: wrote %s samples into %s", key, " + ".join(f"{n} {split}" for split, n in counts.items()), out)
-    return out
+    # one builder at a time: the first process (a node's first rank on a shared filesystem, or another run on
+    # the same folder) builds, the others wait and then find the shards complete
+    with _exclusive(out / LOCK, key):
+        stamp = out / STAMP
+        previous = _read_stamp(stamp)
+        if previous is not None and {k: previous.get(k) for k in record} == record and _complete(out, val_fraction):
+            log.info(
+                "%s: reusing the shards in %s (%d images, unchanged since they were written)", key, out, len(items)
+            )
+            return out
+        if previous is None:
+            log.info(
+                "%s: writing the %d images of %s as shards into %s (later runs reuse them)",
+                key,
+                len(items),
+                source,
+                out,
+            )
+        else:
+            changed = "the images or captions" if previous.get("options") == options else "the ingest options"
+            log.info(
+                "%s: %s changed since %s was written: rebuilding its shards (%d images)", key, changed, out, len(items)
+            )
+
+        stamp.unlink(missing_ok=True)
+        _clear(out)
+        try:
+            result = make_shards(
+                source,
+                out,
+                samples_per_shard=samples_per_shard,
+                max_side=max_side,
+                image_format=image_format,
+                quality=quality,
+                val_fraction=val_fraction,
+                seed=seed,
+                caption_column=caption_column,
+                path_column=path_column,
+                require_caption=missing_captions == "skip",
+                workers=workers,
+            )
+        except IngestError as error:
+            raise ConfigError(f"{key}: {error}") from error
+        if val_fraction > 0 and "val" not in result["manifests"]:
+            raise ConfigError(f"{key}: none of the validation images could be read (see the warnings above)")
+        if result["skipped"]:
+            log.warning(
+                "%s: %d images were left out (each reported above with its reason)", key, len(result["skipped"])
+            )
+        counts = {split: manifest["total"] for split, manifest in result["manifests"].items()}
+        record.update(images=len(items), written=counts, skipped=result["skipped"])
+        tmp = stamp.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, stamp)
+        log.info("%s: wrote %s samples into %s", key, " + ".join(f"{n} {split}" for split, n in counts.items()), out)
+        return out
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path, key: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock`` (flock; on a filesystem without locks, go on without one)."""
+    with open(lock, "a") as handle:
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("%s: another process is writing the shards in %s; waiting for it", key, lock.parent)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:  # no locks on this filesystem (some network filesystems)
+            log.warning("%s: cannot lock %s (%s); going on without the lock", key, lock, error)
+        yield
 
 
 def check_input(source: Path, key: str = "data.images") -> None:
