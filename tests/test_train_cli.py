@@ -146,26 +146,3 @@ def test_the_autoencoder_turns_on_ddp_unused_parameter_detection(strategy, devic
         assert not isinstance(trainer.strategy, DDPStrategy)
     else:
         assert trainer.strategy._ddp_kwargs.get("find_unused_parameters") is expected
-
-
-def test_cpu_processes_share_the_cores_unless_omp_num_threads_says(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pytorch_lightning as pl
-    import torch
-
-    from trainer.strategies import split_cpu_threads
-
-    before = torch.get_num_threads()
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    try:
-        two = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
-        assert split_cpu_threads(two) == 4 and torch.get_num_threads() == 4
-        three = pl.Trainer(accelerator="cpu", devices=3, strategy="ddp", logger=False)
-        assert split_cpu_threads(three) == 2
-        torch.set_num_threads(before)
-        assert split_cpu_threads(pl.Trainer(accelerator="cpu", devices=1, logger=False)) is None
-        monkeypatch.setenv("OMP_NUM_THREADS", "1")
-        assert split_cpu_threads(two) is None  # the user's (or torchrun's) choice stands
-        assert torch.get_num_threads() == before
-    finally:
-        torch.set_num_threads(before)

@@ -83,29 +83,3 @@ def check_strategy(task: Any, strategy: Any) -> None:
             f"({', '.join(scalars)}). FSDP is for UNets too large for one GPU (the latent diffusion stage); train "
             "CLIP and the autoencoder with trainer=ddp, as their models fit on one GPU"
         )
-
-
-def split_cpu_threads(trainer: Any) -> int | None:
-    """Several training processes on one machine's CPUs (``trainer.devices=N`` with the CPU accelerator) would
-    each start torch with a thread per core, N threads per core in all, and oversubscribed threads slow every
-    process down. Unless ``OMP_NUM_THREADS`` says otherwise (torchrun sets it to 1), each process takes its share
-    of the cores this process may run on. Returns the thread count set, or None where nothing changed."""
-    import logging
-    import os
-
-    import torch
-    from pytorch_lightning.accelerators import CPUAccelerator
-
-    processes = int(getattr(trainer, "num_devices", 1) or 1)
-    if "OMP_NUM_THREADS" in os.environ or processes < 2 or not isinstance(trainer.accelerator, CPUAccelerator):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // processes)
-    torch.set_num_threads(threads)
-    logging.getLogger(__name__).info(
-        "%d training processes on %d CPU cores: %d torch threads each (set OMP_NUM_THREADS to choose)",
-        processes,
-        cores,
-        threads,
-    )
-    return threads

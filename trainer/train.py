@@ -25,7 +25,7 @@ from trainer.callbacks.preemption import Preemption
 from trainer.callbacks.resume import ExactResume
 from trainer.checkpoints import AtomicCheckpointIO, atomic_write_bytes, find_resume_checkpoint
 from trainer.errors import ConfigError, UserError
-from trainer.strategies import check_strategy, split_cpu_threads
+from trainer.strategies import check_strategy
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -107,7 +107,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer_cfg, callbacks=callbacks, logger=_instantiate_group(cfg.logger) or False, plugins=_plugins(cfg)
     )
     check_strategy(task, trainer.strategy)
-    split_cpu_threads(trainer)
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     preempted = any(isinstance(c, Preemption) and c.preempted for c in callbacks)
