@@ -296,9 +296,12 @@ class LatentDiffusionTask(pl.LightningModule):
             if drop_captions:
                 self._refuse_caption_transform()
             context = batch["context"].float()
-            if any(dropped):
+            if drop_captions and self.hparams.caption_dropout > 0:
+                # every rank encodes the empty caption at every step, dropped rows or not: ranks draw their own
+                # dropout, and under FSDP the text encoder's units gather across ranks, which must all take part
+                empty = self.text_encoder.encode([""]).to(context)
                 rows = torch.tensor(dropped, device=context.device)[:, None, None]
-                context = torch.where(rows, self.text_encoder.encode([""]).to(context), context)
+                context = torch.where(rows, empty, context)
             return latents, context
         captions = ["" if drop else caption for drop, caption in zip(dropped, captions, strict=True)]
         if self.text_encoder_trains and self.training:  # its adapters learn: gradients through the text encoder
