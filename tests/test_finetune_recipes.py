@@ -173,6 +173,25 @@ def test_processes_sharing_a_folder_build_its_shards_once(tmp_path: Path) -> Non
     assert sum("reusing the shards" in log for log in logs) == 1
 
 
+def test_a_cache_folder_whose_lock_cannot_be_opened_is_still_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """A cache on a read-only mount, or another user's: reading it needs no lock."""
+    from trainer.data import folders
+
+    images = write_folder(tmp_path / "pics", ["astronaut", "coffee"], max_side=48)
+    out = cache_dir(images, tmp_path / "cache")
+    ensure_folder_shards(images, out, val_fraction=0.5)
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(folders, "open", refuse, raising=False)
+    caplog.set_level(logging.INFO, logger="trainer")
+    assert ensure_folder_shards(images, out, val_fraction=0.5) == out
+    assert "cannot open the lock file" in caplog.text and "reusing the shards" in caplog.text
+
+
 def test_inputs_that_cannot_be_trained_on_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(MissingFileError, match=r"data.images=.*nope does not exist; give a folder of images"):
         ensure_folder_shards(tmp_path / "nope", tmp_path / "out")

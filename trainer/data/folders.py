@@ -123,7 +123,8 @@ def ensure_folder_shards(
         "seed": seed,
     }
     record = {"input": str(source.resolve()), "options": options, "fingerprint": fingerprint(source, items)}
-    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):  # a folder that cannot be created fails below, with its path
+        out.mkdir(parents=True, exist_ok=True)
     # one builder at a time: the first process (a node's first rank on a shared filesystem, or another run on
     # the same folder) builds, the others wait and then find the shards complete
     with _exclusive(out / LOCK, key):
@@ -184,8 +185,19 @@ def ensure_folder_shards(
 
 @contextlib.contextmanager
 def _exclusive(lock: Path, key: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock`` (flock; on a filesystem without locks, go on without one)."""
-    with open(lock, "a") as handle:
+    """Hold an exclusive lock on ``lock`` (flock). Where that cannot be had (a folder this user cannot write, a
+    filesystem without locks) go on without it: complete shards are still reused, and a build that cannot
+    write fails on its own with the path."""
+    try:
+        handle = open(lock, "a")  # noqa: SIM115 - closed below
+    except OSError:
+        try:
+            handle = open(lock)  # noqa: SIM115 - flock works on a read-only descriptor too
+        except OSError as error:
+            log.warning("%s: cannot open the lock file %s (%s); going on without the lock", key, lock, error)
+            yield
+            return
+    with handle:
         try:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
