@@ -160,17 +160,38 @@ def test_processes_sharing_a_folder_build_its_shards_once(tmp_path: Path) -> Non
     with open(out / LOCK, "a") as held:  # another process is building: the newcomer waits for it
         fcntl.flock(held, fcntl.LOCK_EX)
         waiting = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-        time.sleep(3)
+        for line in waiting.stdout:  # until it says it waits (it blocks there, so this loop ends)
+            if "another process is writing the shards" in line:
+                break
         assert waiting.poll() is None and not (out / STAMP).exists()
     assert waiting.wait(timeout=120) == 0
-    log = waiting.stdout.read()
-    assert "another process is writing the shards" in log and "writing the 4 images" in log
+    assert "writing the 4 images" in waiting.stdout.read()
     (out / STAMP).unlink()  # as if never built: two start at once, one writes, the other reuses
     both = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
     logs = [process.communicate(timeout=120)[0] for process in both]
     assert [process.returncode for process in both] == [0, 0]
     assert sum("writing the 4 images" in log for log in logs) == 1
     assert sum("reusing the shards" in log for log in logs) == 1
+
+
+def test_waiting_for_the_lock_is_reported_until_it_is_free(tmp_path: Path, caplog) -> None:
+    import threading
+
+    from trainer.data.folders import _wait_for_lock
+
+    caplog.set_level(logging.INFO, logger="trainer")
+    lock = tmp_path / LOCK
+    with open(lock, "a") as held, open(lock, "a") as waiting:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=_wait_for_lock, args=(waiting, "data.images", tmp_path, 0.3))
+        waiter.start()
+        time.sleep(1.2)
+        assert waiter.is_alive()
+        fcntl.flock(held, fcntl.LOCK_UN)
+        waiter.join(timeout=10)
+        assert not waiter.is_alive()
+    reports = [r.getMessage() for r in caplog.records if "waiting for it" in r.getMessage()]
+    assert len(reports) >= 3 and "min so far" in reports[-1]
 
 
 def test_a_cache_folder_whose_lock_cannot_be_opened_is_still_reused(

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -199,14 +200,28 @@ def _exclusive(lock: Path, key: str) -> Iterator[None]:
             return
     with handle:
         try:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("%s: another process is writing the shards in %s; waiting for it", key, lock.parent)
-                fcntl.flock(handle, fcntl.LOCK_EX)
+            _wait_for_lock(handle, key, lock.parent)
         except OSError as error:  # no locks on this filesystem (some network filesystems)
             log.warning("%s: cannot lock %s (%s); going on without the lock", key, lock, error)
         yield
+
+
+def _wait_for_lock(handle: Any, key: str, folder: Path, report_every: float = 60.0) -> None:
+    """Take the exclusive lock on ``handle``, saying so when another process holds it, and again every
+    ``report_every`` seconds while it still does: a long build elsewhere shows as waiting, not as a hang."""
+    started = time.monotonic()
+    next_report = started
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            now = time.monotonic()
+            if now >= next_report:
+                waited = f" ({(now - started) / 60:.0f} min so far)" if now > started + 1 else ""
+                log.info("%s: another process is writing the shards in %s; waiting for it%s", key, folder, waited)
+                next_report = now + report_every
+            time.sleep(0.5)
 
 
 def check_input(source: Path, key: str = "data.images") -> None:
