@@ -291,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         metavar="N",
-        help="train the UNet for N steps instead of the schedule's (full: 2200, about 7 minutes on 2 CPU cores); "
-        "with 6600 (about 30 minutes in all), generated shape accuracy reached 0.80-0.84 (docs/benchmarks.md, "
+        help="train the UNet for N steps instead of the schedule's (full: 2200, 5-7 minutes on 2 CPU cores); "
+        "with 6600 (20-31 minutes in all on 2 CPU cores), generated shape accuracy reached 0.80-0.84 (docs/benchmarks.md, "
         "'Seventh round')",
     )
     args = parser.parse_args(argv)
