@@ -269,13 +269,15 @@ def test_cached_latents_train_and_a_stale_cache_is_refused(stages: Path, tmp_pat
     assert any(expected_drops) and not all(expected_drops)  # seed 0 drops some rows, not all
     for row, drop in enumerate(expected_drops):
         assert torch.equal(dropped[row], empty if drop else batch["context"][row].float())
-    # the empty caption is encoded at every step, dropped rows or not: under FSDP the text encoder's units gather
-    # across ranks, and each rank draws its own dropout
+    # the empty caption is encoded on the first step, dropped rows or not (under FSDP the text encoder's units
+    # gather across ranks, and each rank draws its own dropout), and only then: the encoder is frozen
     task.hparams.caption_dropout = 1e-9
+    task._empty_context = None
     encoded = []
     encode = task.text_encoder.encode
     task.text_encoder.encode = lambda captions: encoded.append(captions) or encode(captions)
     _, kept = task.latents_and_context(batch, drop_captions=True)
+    task.latents_and_context(batch, drop_captions=True)
     del task.text_encoder.encode
     assert encoded == [[""]] and torch.equal(kept, batch["context"].float())
     task.hparams.caption_dropout = 0.5

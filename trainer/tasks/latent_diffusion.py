@@ -192,6 +192,7 @@ class LatentDiffusionTask(pl.LightningModule):
         }
         self._bucket_losses: list[torch.Tensor] = []
         self._cache_tags: tuple[str, str] | None = None
+        self._empty_context: torch.Tensor | None = None  # the frozen text encoder's empty caption, for dropout
 
     # -- weights ----------------------------------------------------------------------------------
 
@@ -297,11 +298,12 @@ class LatentDiffusionTask(pl.LightningModule):
                 self._refuse_caption_transform()
             context = batch["context"].float()
             if drop_captions and self.hparams.caption_dropout > 0:
-                # every rank encodes the empty caption at every step, dropped rows or not: ranks draw their own
-                # dropout, and under FSDP the text encoder's units gather across ranks, which must all take part
-                empty = self.text_encoder.encode([""]).to(context)
+                if self._empty_context is None:
+                    # once, on the first step, dropped rows or not: ranks draw their own dropout, and under FSDP
+                    # the text encoder's units gather across ranks, which must all take part
+                    self._empty_context = self.text_encoder.encode([""])
                 rows = torch.tensor(dropped, device=context.device)[:, None, None]
-                context = torch.where(rows, empty, context)
+                context = torch.where(rows, self._empty_context.to(context), context)
             return latents, context
         captions = ["" if drop else caption for drop, caption in zip(dropped, captions, strict=True)]
         if self.text_encoder_trains and self.training:  # its adapters learn: gradients through the text encoder
