@@ -308,6 +308,17 @@ def test_cached_latents_train_and_a_stale_cache_is_refused(stages: Path, tmp_pat
         stale.latents_and_context(batch, drop_captions=False)
 
 
+def test_only_a_task_that_reads_tokens_has_its_loaders_tokenize(stages: Path) -> None:
+    from trainer.tasks.clip import CLIPTask
+    from trainer.train import data_tokenizer
+
+    # the LDM encodes its captions itself (after caption dropout; on cached embeddings not at all): tokens made in
+    # its loader workers would be thrown away
+    assert data_tokenizer(make_task(stages)) is None
+    tokenizer = data_tokenizer(CLIPTask({"name": "ldm-test-clip-task", "config": CLIP, "pretrained": None}))
+    assert tokenizer is not None and tokenizer(["a red circle"]).shape == (1, CLIP["text_cfg"]["context_length"])
+
+
 @pytest.mark.slow
 def test_a_tiny_ldm_overfits_a_few_shapes_images(tmp_path: Path) -> None:
     """Four shapes images with distinct captions: after training on just them, the loss has fallen

@@ -136,7 +136,6 @@ class LatentDiffusionTask(pl.LightningModule):
             text_encoder.get("layer", "last"),
             text_encoder.get("final_norm", True),
         )
-        self.tokenizer = self.text_encoder.tokenizer
         # the UNet, its schedule and EMA
         self.unet = UNetModel.from_config(dict(unet))
         if self.unet.context_dim != self.text_encoder.width:
@@ -308,7 +307,7 @@ class LatentDiffusionTask(pl.LightningModule):
         captions = ["" if drop else caption for drop, caption in zip(dropped, captions, strict=True)]
         if self.text_encoder_trains and self.training:  # its adapters learn: gradients through the text encoder
             with torch.enable_grad():
-                return latents, self.text_encoder(self.tokenizer(captions).to(self.device))
+                return latents, self.text_encoder(self.text_encoder.tokenizer(captions).to(self.device))
         return latents, self.text_encoder.encode(captions)
 
     def _refuse_caption_transform(self) -> None:
