@@ -1,4 +1,5 @@
-"""The pieces the tasks share about optimization: the EMA with warmup, and ``task.compile``."""
+"""The pieces the tasks share about optimization: AdamW (fused where it can be), the EMA with warmup, and
+``task.compile``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from trainer.errors import ConfigError
 from trainer.tasks.compilation import compile_in_place, compile_options, forward_context
-from trainer.tasks.optimization import ema_multi_avg_fn
+from trainer.tasks.optimization import adamw_with_schedule, build_adamw, ema_multi_avg_fn
 
 
 def test_ema_follows_the_compvis_warmup_recursion() -> None:
@@ -57,3 +58,41 @@ def test_forward_context_is_the_trainers_autocast_and_nothing_without_one() -> N
     task.trainer = pl.Trainer(accelerator="cpu", precision="32-true", logger=False, enable_progress_bar=False)
     with forward_context(task):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def adam_reference(param: torch.Tensor, grads: list[torch.Tensor], lr: float, betas, eps: float, decay: float):
+    """AdamW's closed form (Loshchilov & Hutter, torch's documented algorithm), step by step."""
+    m = torch.zeros_like(param)
+    v = torch.zeros_like(param)
+    for t, grad in enumerate(grads, start=1):
+        param = param * (1 - lr * decay)
+        m = betas[0] * m + (1 - betas[0]) * grad
+        v = betas[1] * v + (1 - betas[1]) * grad**2
+        param = param - lr * (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+    return param
+
+
+def test_adamw_is_fused_on_the_cpu_by_default_and_steps_as_the_closed_form() -> None:
+    config = {"lr": 0.1, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
+    torch.manual_seed(0)
+    start, grads = torch.randn(5, 3, dtype=torch.float64), [torch.randn(5, 3, dtype=torch.float64) for _ in range(4)]
+    expected = adam_reference(start, grads, config["lr"], config["betas"], config["eps"], config["weight_decay"])
+    for fused, default in ((None, True), (False, False), (True, True)):
+        param = torch.nn.Parameter(start.clone())
+        # param groups as the tasks pass them, their lists given as generators: the check must not consume them
+        groups = ({"params": (p for p in [param]), "weight_decay": config["weight_decay"]},)
+        step = adamw_with_schedule(groups, {**config, "fused": fused}, {"warmup_steps": 0, "min_lr_ratio": 1.0}, 4)
+        optimizer = step["optimizer"]
+        assert optimizer.defaults["fused"] is default and optimizer.param_groups[0]["params"] == [param]
+        for grad in grads:
+            param.grad = grad.clone()
+            optimizer.step()
+        assert torch.allclose(param.detach(), expected, rtol=1e-10, atol=1e-12), fused
+
+
+def test_adamw_auto_falls_back_where_a_parameter_cannot_be_fused() -> None:
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, device="meta"))]
+    assert not build_adamw(params, {"fused": None}, lr=1e-3).defaults["fused"]
+    assert build_adamw(params[:1], {}, lr=1e-3).defaults["fused"]
+    with pytest.raises(ConfigError, match="task.optimizer.fused must be true, false or null"):
+        build_adamw(params[:1], {"fused": "yes"}, lr=1e-3)

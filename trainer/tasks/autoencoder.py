@@ -37,7 +37,7 @@ from trainer.errors import ConfigError
 from trainer.models.autoencoder import AutoencoderKL
 from trainer.models.discriminator import PatchDiscriminator
 from trainer.tasks.compilation import compile_in_place
-from trainer.tasks.optimization import ema_multi_avg_fn, warmup_cosine
+from trainer.tasks.optimization import build_adamw, ema_multi_avg_fn, warmup_cosine
 
 log = logging.getLogger(__name__)
 RECONSTRUCTION = ("l1", "l2")
@@ -225,8 +225,8 @@ class AutoencoderTask(pl.LightningModule):
         kwargs = {"lr": cfg["lr"], "betas": tuple(cfg["betas"]), "weight_decay": cfg["weight_decay"]}
         ae_params = [p for p in self.autoencoder.parameters() if p.requires_grad] + [self.logvar]
         optimizers = [
-            torch.optim.AdamW(ae_params, **kwargs),
-            torch.optim.AdamW(self.discriminator.parameters(), **kwargs),
+            build_adamw(ae_params, cfg, **kwargs),
+            build_adamw(self.discriminator.parameters(), cfg, **kwargs),
         ]
         if not self.hparams.scheduler:
             return optimizers  # constant, as CompVis trains
