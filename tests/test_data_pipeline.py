@@ -49,6 +49,21 @@ def test_batches_are_collated_and_normalized(shards: Path) -> None:
     assert set(batch["data_stats"]) == {"rank", "worker", "epoch", "counts", "position"}
 
 
+def test_the_datamodule_moves_a_batchs_tensors_and_leaves_its_json_alone(shards: Path) -> None:
+    from trainer.datamodule import ShardDataModule
+
+    module = ShardDataModule(train={"urls": str(shards / "train.manifest.json")}, batch_size=4, num_workers=0)
+    module.setup("fit")
+    batch = next(iter(module.train_dataloader()))
+    batch["extra"] = {"nested": [torch.ones(2)]}  # a value it does not know: Lightning's recursive move
+    assert ShardDataset.HOST_ONLY.issubset(batch)  # every host-only name is one a batch has
+    moved = module.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert moved["image"].device.type == "meta" and moved["extra"]["nested"][0].device.type == "meta"
+    assert all(moved[name] is batch[name] for name in ShardDataset.HOST_ONLY)  # not walked, not copied
+    pair = module.transfer_batch_to_device((torch.zeros(2), ["x"]), torch.device("meta"), 0)
+    assert pair[0].device.type == "meta" and pair[1] == ["x"]  # a batch that is not a dict goes Lightning's way
+
+
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_exact_mode_two_ranks_two_workers_sees_every_sample_once(shards: Path, shuffle: bool) -> None:
     urls = str(shards / "train-{000000..000007}.tar")

@@ -367,6 +367,9 @@ class ShardDataset(IterableDataset):
             caption = self.caption_transform(caption, meta, rng)  # (the LDM task refuses the two together)
         return {**item, "caption": caption, "key": key, "url": url, "meta": meta}
 
+    # What a batch holds beside its tensors: strings, numbers and the samples' json, none of it a tensor
+    HOST_ONLY = frozenset({"caption", "key", "url", "meta", "data_stats"})
+
     def _collate(self, samples: list[dict], stats: dict) -> dict:
         batch = {
             # default_collate stacks straight into shared memory inside a loader worker, which saves
