@@ -31,7 +31,7 @@ COVERAGE: dict[str, tuple[tuple[str, ...], str]] = {
         ("tests/test_demo.py::test_the_fast_demo_runs_end_to_end_and_writes_what_it_promises",),
         "trainer.demo",
     ),
-    "python -m trainer.demo --ldm-steps 6600": (
+    "python -m trainer.demo --ldm-steps 5500": (
         ("tests/test_demo.py::test_the_fast_demo_runs_end_to_end_and_writes_what_it_promises",),
         "--ldm-steps",
     ),
