@@ -21,3 +21,15 @@ class MissingDependencyError(UserError, ImportError):
 
 class NonFiniteTrainingError(UserError, FloatingPointError):
     """Training produced non-finite losses or gradients for too many steps in a row."""
+
+
+class DataError(UserError, RuntimeError):
+    """The data yields nothing to train on, or too much of it is skipped."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint or weights file that cannot be read safely: truncated, not a checkpoint, or holding code."""
+
+
+class DiskFullError(UserError, OSError):
+    """A write failed for lack of space."""
