@@ -3,8 +3,10 @@ layouts other tools load (open_clip's ``local-dir:`` folders for CLIP)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from trainer.errors import ConfigError, MissingFileError
+from trainer.errors import CheckpointError, ConfigError, DiskFullError, MissingFileError
 
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -39,12 +41,69 @@ def save_safetensors(
     return path
 
 
+def is_url(source: str | os.PathLike) -> bool:
+    """Whether ``source`` names a remote file (``http://``, ``s3://`` ...) rather than a local path."""
+    text = str(source)
+    return "://" in text and not text.startswith("file://")
+
+
+def _read_remote(url: str) -> bytes:
+    """The bytes of a remote file: http(s) with urllib, any other scheme through fsspec (s3fs, gcsfs ...)."""
+    if url.startswith(("http://", "https://")):
+        import urllib.request
+
+        with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 - the user named this URL
+            return response.read()
+    import fsspec
+
+    with fsspec.open(url, "rb") as handle:
+        return handle.read()
+
+
+def torch_load(source: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False, what: str = "checkpoint"):
+    """``torch.load`` of a local file or a URL that never runs code: always ``weights_only=True``, whatever the
+    caller or Lightning would choose (Lightning unpickles URLs with ``weights_only=False``). A file that needs
+    more than tensors and plain values, or that cannot be read at all, raises :class:`CheckpointError` naming
+    it in one line."""
+    import pickle
+
+    name = str(source)
+    try:
+        if is_url(name):
+            import io
+
+            return torch.load(io.BytesIO(_read_remote(name)), map_location=map_location, weights_only=True)
+        path = Path(name.removeprefix("file://"))
+        if not path.is_file():
+            raise MissingFileError(f"{what} {path} does not exist")
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except MissingFileError:
+        raise
+    except pickle.UnpicklingError as error:
+        text = str(error)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"(GLOBAL \S+)", text)
+        if found:  # the file asks to import and call Python code on load: refused
+            raise CheckpointError(
+                f"{what} {name} was refused: it holds Python objects ({found.group(1)}) that loading would run as "
+                "code, and only tensors and plain values are read. Use a checkpoint written by latentloom or a "
+                ".safetensors file from a source you trust"
+            ) from None
+        raise CheckpointError(f"{what} {name} cannot be read ({_first_line(error)}): {_REWRITE}") from None
+    except (OSError, RuntimeError, EOFError, ValueError, ImportError) as error:
+        raise CheckpointError(f"{what} {name} cannot be read ({_first_line(error)}): {_REWRITE}") from None
+
+
+_REWRITE = "it is truncated or not a PyTorch file; copy, download or export it again"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+
+
 def load_lightning_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A Lightning checkpoint of ours, read without unpickling code (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = torch_load(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"{path} is not a Lightning checkpoint (no 'state_dict'); give a .ckpt from a run folder")
     return checkpoint
@@ -73,16 +132,34 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if not path.is_file():
         raise MissingFileError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return read_safetensors(path)
+    state = torch_load(path, what="weights file")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ConfigError(f"{path} holds no state dict")
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, {}
+
+
+def read_safetensors(path: str | os.PathLike, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (none with ``tensors=False``) and metadata of a ``.safetensors`` file; a truncated or foreign file
+    raises :class:`CheckpointError` naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118
+            return state, dict(f.metadata() or {})
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise CheckpointError(
+            f"weights file {path} cannot be read as safetensors ({_first_line(error)}): it is truncated or not a "
+            "safetensors file; copy, download or export it again"
+        ) from None
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a ``.safetensors`` file, without reading its tensors."""
+    return read_safetensors(path, tensors=False)[1]
 
 
 def select_prefixed(state: Mapping[str, torch.Tensor], *prefixes: str) -> dict[str, torch.Tensor]:
@@ -155,10 +232,7 @@ def read_vae_config(path: str | os.PathLike) -> dict | None:
     """The model config stored in an autoencoder export's metadata (None for other files)."""
     if Path(path).suffix != ".safetensors":
         return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        stored = (f.metadata() or {}).get("config")
+    stored = safetensors_metadata(path).get("config")
     return json.loads(stored) if stored else None
 
 
@@ -167,10 +241,7 @@ def read_scale_factor(path: str | os.PathLike) -> float | None:
     None for other files: released SD files store none, and a pickle is not loaded just for it."""
     if Path(path).suffix != ".safetensors" or not Path(path).is_file():
         return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        stored = (f.metadata() or {}).get("scale_factor")
+    stored = safetensors_metadata(path).get("scale_factor")
     return float(stored) if stored else None
 
 
@@ -200,10 +271,29 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        if is_disk_full(error):
+            raise DiskFullError(
+                f"no space left on device writing {path}; the previous checkpoints are intact: free space on that "
+                "disk or move the run (paths.output_dir, hydra.run.dir), then resume with the same command"
+            ) from error
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_directory(path.parent)
     return path
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error``, or an error it was raised from or during, is a write that failed for lack of space
+    (torch's zip writer raises a RuntimeError "unexpected pos" while handling the OSError ENOSPC)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _checkpoint_io_base():
@@ -219,28 +309,41 @@ class AtomicCheckpointIO(_checkpoint_io_base()):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        if "://" in str(path) and not str(path).startswith("file://"):
+        if is_url(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
 
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Every checkpoint, local or remote, is read with ``weights_only=True``: Lightning's own loader unpickles
+        URLs with ``weights_only=False``, which runs whatever code the file holds. ``weights_only`` is ignored."""
+        return torch_load(path, map_location=map_location if map_location is not None else "cpu")
+
+
+def checkpoint_step(path: str | os.PathLike) -> tuple[int | None, str]:
+    """The global step of a Lightning training checkpoint, read cheaply; (None, why) when it is unusable.
+    Reading is memory-mapped, so this costs little even for a checkpoint of many GB: a truncated file fails
+    here (its zip directory sits at the end), as does anything that is not a checkpoint. It reads with
+    ``weights_only=True``, as every load of ours does: what fails here would fail on resume."""
+    try:
+        checkpoint = torch_load(path, mmap=True)
+    except (CheckpointError, MissingFileError) as error:
+        return None, str(error)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
+        return None, "not a Lightning training checkpoint (no state_dict or global_step)"
+    return int(checkpoint["global_step"]), ""
+
 
 def checkpoint_is_complete(path: str | os.PathLike) -> tuple[bool, str]:
-    """Whether ``path`` reads back as a Lightning training checkpoint; (False, why) when it does not.
-    Reading is memory-mapped, so this costs little even for a checkpoint of many GB: a truncated file
-    fails here (its zip directory sits at the end), as does anything that is not a checkpoint. It reads
-    with ``weights_only=True``, as Lightning does when it resumes: what fails here would fail there."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # noqa: BLE001 - any reason it cannot be read makes it unusable
-        return False, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
-        return False, "not a Lightning training checkpoint (no state_dict or global_step)"
-    return True, ""
+    """Whether ``path`` reads back as a Lightning training checkpoint; (False, why) when it does not."""
+    step, why = checkpoint_step(path)
+    return step is not None, why
 
 
 def find_resume_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The newest complete ``*.ckpt`` in ``directory`` (by modification time), or None if it holds none.
-    Corrupt or truncated files are skipped with a warning naming them, falling back to older ones."""
+    """The complete ``*.ckpt`` in ``directory`` with the highest global step (read from each file; of equal
+    steps the newest by modification time), or None if it holds none. Corrupt or truncated files are skipped
+    with a warning naming them. The step, not the modification time, decides: a copied or restored folder
+    gives every file a new time, and ``last.ckpt`` may be older than a later ``stepN.ckpt``, or newer."""
     import logging
 
     log = logging.getLogger(__name__)
@@ -248,11 +351,30 @@ def find_resume_checkpoint(directory: str | os.PathLike) -> Path | None:
     if not directory.is_dir():
         return None
     candidates = [p for p in directory.glob("*.ckpt") if p.is_file() and not p.name.startswith(".")]
-    for path in sorted(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True):
-        ok, why = checkpoint_is_complete(path)
-        if ok:
-            return path
-        log.warning("skipping checkpoint %s: it cannot be read (%s); trying an older one", path, why)
+    readable = []
+    for path in candidates:
+        step, why = checkpoint_step(path)
+        if step is None:
+            log.warning("skipping checkpoint %s: it cannot be read (%s)", path, why)
+        else:
+            readable.append((step, path.stat().st_mtime_ns, path.name, path))
+    if readable:
+        return max(readable)[3]
     if candidates:
         log.warning("no readable checkpoint in %s: starting from scratch", directory)
     return None
+
+
+def remove_orphaned_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed writes left below ``directory`` (``.NAME.tmp`` and
+    ``.NAME.tmp-PID``, see :func:`atomic_torch_save`); returns them. Only for a folder that no live process
+    writes to: the run folder's lock (:mod:`trainer.run_lock`) says so."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in directory.rglob(".*.tmp*"):
+        if path.is_file() and re.fullmatch(r"\..+\.tmp(-\d+)?", path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

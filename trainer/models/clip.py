@@ -67,12 +67,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         path = path / OPEN_CLIP_WEIGHTS
     if not path.is_file():
         raise MissingFileError(f"CLIP weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from trainer.checkpoints import read_safetensors, torch_load
 
-        state = load_file(str(path))
+    if path.suffix == ".safetensors":
+        state = read_safetensors(path)[0]
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load(path, what="CLIP weights file")
         state = state.get("state_dict", state) if isinstance(state, dict) else state
     if any(k.startswith("model.") for k in state):  # our CLIPTask checkpoint
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
@@ -140,10 +140,16 @@ def load_clip(source: str | Path | None, name: str | None = None, config: Mappin
     if path.is_dir():
         if not (path / "open_clip_config.json").is_file():
             raise ConfigError(f"{path} is not an open_clip export folder: no open_clip_config.json")
+        from trainer.checkpoints import OPEN_CLIP_WEIGHTS, safetensors_metadata
+
+        if (path / OPEN_CLIP_WEIGHTS).is_file():
+            safetensors_metadata(path / OPEN_CLIP_WEIGHTS)  # a truncated file fails here, naming it
         return open_clip.create_model(f"local-dir:{path}"), open_clip.get_tokenizer(f"local-dir:{path}")
     siglip = False
     if path.suffix == ".ckpt":
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        from trainer.checkpoints import torch_load
+
+        checkpoint = torch_load(path, mmap=True)
         hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
         if hparams.get("model", {}).get("name"):
             name, config = hparams["model"]["name"], hparams["model"].get("config")

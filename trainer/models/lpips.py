@@ -35,7 +35,9 @@ class LPIPS(nn.Module):
             )
         # pretrained=True: torchmetrics' bundled linear layers; pnet_rand=True: do not download VGG
         self.net = _LPIPS(pretrained=True, net="vgg", pnet_rand=True, eval_mode=True)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from trainer.checkpoints import torch_load
+
+        state = torch_load(path, what="LPIPS VGG16 weights")
         features = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
         mapped = {}
         for number, indices in enumerate(_SLICES, start=1):
