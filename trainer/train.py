@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import uuid
 from datetime import datetime
@@ -23,8 +24,18 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from trainer.callbacks.preemption import Preemption
 from trainer.callbacks.resume import ExactResume
-from trainer.checkpoints import AtomicCheckpointIO, atomic_write_bytes, find_resume_checkpoint
-from trainer.errors import ConfigError, UserError
+from trainer.checkpoints import (
+    AtomicCheckpointIO,
+    atomic_write_bytes,
+    checkpoint_step,
+    find_resume_checkpoint,
+    is_disk_full,
+    is_url,
+    remove_orphaned_temporaries,
+)
+from trainer.errors import CheckpointError, ConfigError, UserError
+from trainer.loggers import continue_logs
+from trainer.run_lock import RunLock
 from trainer.strategies import check_strategy
 
 log = logging.getLogger(__name__)
@@ -52,19 +63,42 @@ if not OmegaConf.has_resolver("run_id"):
     OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
 
 
-def resume_checkpoint(cfg: DictConfig) -> str | None:
-    """``ckpt_path`` when given; with ``resume=auto``, the newest complete checkpoint of this run's folder."""
+def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, int]:
+    """(checkpoint, its global step): ``ckpt_path`` when given (a local file is checked first, cheaply); with
+    ``resume=auto``, the complete checkpoint of this run's folder with the highest step; (None, 0) for a fresh
+    start. A URL is read when training starts; its step is not known before (0)."""
     if cfg.ckpt_path:
-        return str(cfg.ckpt_path)
+        path = str(cfg.ckpt_path)
+        if is_url(path):
+            return path, 0
+        step, why = checkpoint_step(path)
+        if step is None:
+            raise CheckpointError(f"ckpt_path: {why}" if "does not exist" in why else f"ckpt_path={path}: {why}")
+        return path, step
     resume = cfg.get("resume", "auto")
     if resume in (None, False, "never"):
-        return None
+        return None, 0
     if resume != "auto":
         raise ConfigError(f"resume must be 'auto' or 'never', got {resume!r}; a file to resume from goes in ckpt_path")
     found = find_resume_checkpoint(cfg.paths.checkpoint_dir)
-    if found is not None:
-        log.info("resuming from %s", found)
-    return str(found) if found is not None else None
+    if found is None:
+        return None, 0
+    step = checkpoint_step(found)[0] or 0
+    log.info("resuming from %s (step %d)", found, step)
+    return str(found), step
+
+
+def check_image_sizes(task: pl.LightningModule, data: DictConfig) -> None:
+    """The data's square image sizes against what the task's models take, before any data is read or written
+    (the shapes data is generated at ``data.image_size``). Buckets check their own sizes."""
+    if not hasattr(task, "check_image_size") or data.get("buckets"):
+        return
+    for key in ("image_size", "val_image_size"):
+        size = data.get(key)
+        if size is not None:
+            if not isinstance(size, int) or size < 1:
+                raise ConfigError(f"data.{key} must be a positive number of pixels, got {size!r}")
+            task.check_image_size(size, f"data.{key}")
 
 
 def _wandb_ids(cfg: DictConfig, output_dir: Path) -> None:
@@ -100,22 +134,47 @@ def data_tokenizer(task: pl.LightningModule):
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job from a composed config; returns the final logged metrics."""
-    seed = pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = resume_checkpoint(cfg)
+    # One live run per folder: the first process holds the lock (the other ranks train under it)
+    lock = RunLock(output_dir) if rank_zero_only.rank == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _train(cfg, output_dir, is_first_process=lock is not None)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: DictConfig, output_dir: Path, is_first_process: bool) -> dict[str, float]:
+    seed = pl.seed_everything(cfg.seed, workers=True)
+    if is_first_process:  # no live process writes here (the lock): a temporary file is a killed write's
+        for orphan in remove_orphaned_temporaries(output_dir / "checkpoints") + remove_orphaned_temporaries(
+            output_dir / "export"
+        ):
+            log.info("removed %s, left by a write that was killed", orphan)
+    ckpt_path, start_step = resume_checkpoint(cfg)
     _wandb_ids(cfg, output_dir)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if is_first_process:
+        atomic_write_bytes(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     task = instantiate(cfg.task)
+    check_image_sizes(task, cfg.data)
     datamodule = instantiate(cfg.data, tokenizer=data_tokenizer(task))
     callbacks = [*_instantiate_group(cfg.callbacks), ExactResume(seed)]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg.pop("plugins", None)
-    trainer: pl.Trainer = instantiate(
-        trainer_cfg, callbacks=callbacks, logger=_instantiate_group(cfg.logger) or False, plugins=_plugins(cfg)
-    )
+    loggers = _instantiate_group(cfg.logger)
+    continue_logs(loggers, start_step)  # a resumed run continues its history; a fresh one starts it anew
+    trainer: pl.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=_plugins(cfg))
     check_strategy(task, trainer.strategy)
-    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    except Exception as error:
+        failure = _peer_failure(error, trainer)
+        if failure is not None:
+            raise failure from error
+        raise
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     preempted = any(isinstance(c, Preemption) and c.preempted for c in callbacks)
     if trainer.is_global_zero and not preempted:
@@ -135,17 +194,132 @@ def _link_latest(output_dir: Path) -> None:
     tmp.replace(link)  # atomic: readers see the old or the new run, never none
 
 
+class PeerFailureError(UserError, RuntimeError):
+    """Another process of a multi-process run stopped, and a collective of this one failed with it."""
+
+
+# What gloo and NCCL say when the process at the other end of a collective is gone
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def _peer_failure(error: BaseException, trainer: pl.Trainer) -> PeerFailureError | None:
+    """One line for a rank whose collective failed because another rank died, instead of gloo's traceback."""
+    import torch.distributed as dist
+
+    text = f"{type(error).__name__}: {error}"
+    if trainer.world_size < 2 or not (
+        isinstance(error, dist.DistError) or any(marker in text for marker in _PEER_GONE)
+    ):
+        return None
+    rank = trainer.global_rank
+    dead = []
+    # the processes of local ranks 1, 2, ... that rank 0 started (Lightning's subprocess launcher)
+    for local_rank, process in enumerate(getattr(trainer.strategy.launcher, "procs", None) or [], start=1):
+        code = process.poll()
+        if code is not None:
+            how = f"killed by {signal_name(-code)}" if code < 0 else f"exit code {code}"
+            dead.append(f"local rank {local_rank} ({how})")
+    if rank != 0 and os.getppid() == 1:
+        dead.append("rank 0 (the process that started this one)")
+    which = ", ".join(dead) if dead else "another rank"
+    first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+    return PeerFailureError(
+        f"rank {rank} of {trainer.world_size} stopped: {which} of this run died, and the collective it was in "
+        f"failed ({type(error).__name__}: {first}); that rank's own output says why it died. Resume with the same "
+        "command: resume=auto continues from the last checkpoint"
+    )
+
+
+def signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+# An override's value holding a brace range, unquoted for Hydra: {0..9}, {000..099}
+_BRACE_RANGE = re.compile(r"\{\d+\.\.\d+\}")
+
+
+def check_brace_overrides(argv: list[str]) -> str | None:
+    """The message for an override whose value has a brace pattern outside quotes, which Hydra's parser reads as
+    the start of a dictionary and rejects with a grammar error (or, expanded by the shell, as several values of one
+    key, of which it silently keeps the last); None when every override is fine."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key.startswith("-"):
+            continue
+        unquoted = re.sub(r"'[^']*'|\"[^\"]*\"", "", value)  # what Hydra parses outside quoted strings
+        if not _BRACE_RANGE.search(unquoted):
+            continue
+        if value.startswith(("[", "{")):
+            example = "[{urls: 'a/{000..099}.tar', weight: 3}]"
+            return (
+                f"the override {key}= holds a brace pattern outside quotes, which Hydra reads as a dictionary: "
+                f'quote each pattern inside it for Hydra, e.g. {key}="{example}"'
+            )
+        return (
+            f"the override {arg!r} holds a brace pattern, which Hydra reads as a dictionary: quote the value for "
+            f"Hydra inside the shell's quotes, e.g. {key}=\"'{value}'\""
+        )
+    keys = [a.partition("=")[0] for a in argv if "=" in a and not a.startswith("-")]
+    for key in dict.fromkeys(keys):
+        if keys.count(key) > 1 and key.endswith("urls"):
+            return (
+                f"{key} is given {keys.count(key)} times: the shell expanded an unquoted brace pattern into one "
+                f"argument per shard; quote it for the shell and for Hydra, e.g. "
+                f"{key}=\"'/data/shards/{{00000..00099}}.tar'\""
+            )
+    return None
+
+
+def main() -> None:
+    """The console entry point: overrides Hydra cannot parse get one line here, then Hydra runs the job."""
+    problem = check_brace_overrides(sys.argv[1:])
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     try:
         train(cfg)
     except Exception as error:
         # Input or configuration that cannot work: one clear line, no stack trace.
-        user_error = _user_error(error)
-        if user_error is None:
+        message = _user_message(error)
+        if message is None:
             raise
-        print(f"error: {user_error}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def _user_message(error: BaseException) -> str | None:
+    """One line for an error the user can act on: a :class:`UserError` (itself, or the cause of Hydra's
+    InstantiationException around a constructor's error), or a write that found the disk full."""
+    user_error = _user_error(error)
+    if user_error is not None:
+        return str(user_error)
+    if is_disk_full(error):
+        where = _disk_full_path(error)
+        return (
+            f"no space left on device{f' writing {where}' if where else ''}: free space there or move the run "
+            "(paths.output_dir, paths.root_dir or hydra.run.dir), then resume with the same command"
+        )
+    return None
+
+
+def _disk_full_path(error: BaseException | None) -> str | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.filename:
+            return str(error.filename)
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _user_error(error: BaseException) -> UserError | None:

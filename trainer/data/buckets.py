@@ -103,6 +103,15 @@ def require_multiple(width: int, height: int, multiple: int, what: str) -> None:
             )
 
 
+def require_size_multiple(size: int, multiple: int, key: str, what: str) -> None:
+    """A ConfigError naming the config key unless the square image size ``size`` is a multiple of ``multiple``."""
+    if size < multiple or size % multiple:
+        low, high = max(multiple, size // multiple * multiple), (size // multiple + 1) * multiple
+        raise ConfigError(
+            f"{key}={size} is not a multiple of {multiple} ({what}): use {low}" + (f" or {high}" if high != low else "")
+        )
+
+
 @dataclass(frozen=True)
 class Buckets:
     """A set of bucket sizes (width, height) and what to do with the partial batches at the end of a stream.

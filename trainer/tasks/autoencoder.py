@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pytorch_lightning.strategies import DDPStrategy
 from torch.optim.swa_utils import AveragedModel
 
-from trainer.data.buckets import require_multiple
+from trainer.data.buckets import require_multiple, require_size_multiple
 from trainer.errors import ConfigError
 from trainer.models.autoencoder import AutoencoderKL
 from trainer.models.discriminator import PatchDiscriminator
@@ -254,6 +254,10 @@ class AutoencoderTask(pl.LightningModule):
     def eval_autoencoder(self):
         """The EMA weights when EMA is on, else the trained ones."""
         return self.ema.module if self.ema is not None else self.autoencoder
+
+    def check_image_size(self, size: int, key: str) -> None:
+        """Before any data is read: image sides must be multiples of the downsampling factor."""
+        require_size_multiple(size, self.autoencoder.downsample_factor, key, "the autoencoder's downsampling factor")
 
     def _check_size(self, images: torch.Tensor) -> None:
         height, width = images.shape[-2:]

@@ -251,6 +251,16 @@ class CLIPTask(pl.LightningModule):
         self.loss_fn: torch.nn.Module | None = None
         self._val_outputs: list[dict] = []
 
+    def check_image_size(self, size: int, key: str) -> None:
+        """Before any data is read: the image tower takes images of one size only (its positional embedding)."""
+        expected = self.model.visual.image_size
+        expected = expected[0] if isinstance(expected, (tuple, list)) else expected
+        if size != expected:
+            raise ConfigError(
+                f"{key}={size}, but the CLIP image tower ({self.hparams.model['name']}) takes {expected} px images: "
+                f"set {key}={expected}, or change the model's image_size"
+            )
+
     def setup(self, stage: str) -> None:
         rank, world_size = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
         hp = self.hparams

@@ -39,7 +39,7 @@ from trainer.checkpoints import (
     save_safetensors,
     select_prefixed,
 )
-from trainer.data.buckets import require_multiple
+from trainer.data.buckets import require_multiple, require_size_multiple
 from trainer.diffusion import alphas_cumprod as cumulative_alphas
 from trainer.diffusion import (
     beta_schedule,
@@ -269,6 +269,15 @@ class LatentDiffusionTask(pl.LightningModule):
         self.autoencoder.eval()  # frozen modules stay in eval mode
         self.text_encoder.eval()
         return self
+
+    def check_image_size(self, size: int, key: str) -> None:
+        """Before any data is read: image sides must be multiples of the latent stride."""
+        require_size_multiple(
+            size,
+            self.autoencoder.downsample_factor * self.unet.downsample_factor,
+            key,
+            "the latent stride: autoencoder downsampling x UNet levels",
+        )
 
     @torch.no_grad()
     def latents_and_context(self, batch: dict, drop_captions: bool) -> tuple[torch.Tensor, torch.Tensor]:
