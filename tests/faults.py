@@ -16,11 +16,11 @@ class KillAtStep(pl.Callback):
     """SIGKILL this process (every rank does the same) as the batch after optimizer step ``step`` begins,
     i.e. after the checkpoint of step ``step`` is on disk and before anything of the next step is."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, rank: int | None = None) -> None:
+        self.step, self.rank = step, rank  # rank: only that rank dies (None: every rank)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
