@@ -458,3 +458,19 @@ def test_the_surviving_ddp_rank_says_which_rank_died_in_one_line(tmp_path: Path,
     )
     line = one_line_error(result)
     assert "rank 0 of 2 stopped: local rank 1 (killed by SIGKILL)" in line
+
+
+def test_the_documented_brace_patterns_reach_hydra_quoted() -> None:
+    import re
+    import shlex
+
+    documents = [REPO / "README.md", REPO / "slurm" / "README.md", REPO / "data" / "laion" / "README.md"]
+    documents += sorted((REPO / "configs").rglob("*.yaml")) + sorted((REPO / "slurm").glob("*.sbatch"))
+    checked = 0
+    for document in documents:
+        for line in document.read_text().splitlines():
+            line = line.strip().lstrip("#").strip().removesuffix("\\").strip("`")
+            if "urls=" in line and re.search(r"\{\d+\.\.\d+\}", line):
+                assert check_brace_overrides(shlex.split(line, comments=True)) is None, f"{document.name}: {line}"
+                checked += 1
+    assert checked >= 10
