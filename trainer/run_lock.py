@@ -66,31 +66,27 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = None
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holder = _holder(self.path)
-                job = slurm_job()
-                if not job or holder.get("slurm_job") != job:
-                    os.close(fd)
-                    raise RunFolderInUseError(
-                        f"run folder {self.path.parent} is in use by another live run ({_describe(holder)}): stop "
-                        "that run first, or start this one in a folder of its own (another hydra.run.dir, or none)"
-                    ) from None
-                deadline = deadline or time.monotonic() + self.takeover_wait
-                if time.monotonic() >= deadline:
-                    log.warning(
-                        "run folder %s: the lock of this job's previous attempt (%s) was not released in %.0f s; "
-                        "SLURM runs one attempt of a job at a time, so it is stale: going on without it",
-                        self.path.parent,
-                        _describe(holder),
-                        self.takeover_wait,
-                    )
-                    os.close(fd)
-                    return self
-                time.sleep(1.0)
+        while not self._try_lock(fd):
+            holder = _holder(self.path)
+            job = slurm_job()
+            if not job or holder.get("slurm_job") != job:
+                os.close(fd)
+                raise RunFolderInUseError(
+                    f"run folder {self.path.parent} is in use by another live run ({_describe(holder)}): stop "
+                    "that run first, or start this one in a folder of its own (another hydra.run.dir, or none)"
+                )
+            deadline = deadline or time.monotonic() + self.takeover_wait
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "run folder %s: the lock of this job's previous attempt (%s) was not released in %.0f s; SLURM "
+                    "runs one attempt of a job at a time, so it is stale: going on without it",
+                    self.path.parent,
+                    _describe(holder),
+                    self.takeover_wait,
+                )
+                os.close(fd)
+                return self
+            time.sleep(1.0)
         record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -101,6 +97,16 @@ class RunLock:
         os.pwrite(fd, json.dumps(record).encode(), 0)
         self._fd = fd
         return self
+
+    def _try_lock(self, fd: int) -> bool:
+        """Whether the lock is ours now; True also where the filesystem has no locks (said in a warning)."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError as error:  # no locks on this filesystem (some network filesystems)
+            log.warning("run folder %s: cannot lock %s (%s); going on without it", self.path.parent, self.path, error)
+        return True
 
     def release(self) -> None:
         if self._fd is not None:
