@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,3 +35,37 @@ def shards(tmp_path: Path) -> Path:
     write_shards(tmp_path, "train", 40, 5)
     write_shards(tmp_path, "val", 12, 6, seed=1)
     return tmp_path
+
+
+def training_cli(run_dir: Path, shards: Path, experiment: str, *overrides: str) -> subprocess.CompletedProcess:
+    """``python -m trainer.train experiment=...`` on the tiny ``shards`` (train and val manifests), in ``run_dir``:
+    8 steps of batch 4 at 32 px, validation every 3 steps, a checkpoint every 4; tests/ on PYTHONPATH, so that
+    ``+callbacks.x._target_=faults.KillAtStep`` and the like load."""
+    tests = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.train",
+            f"experiment={experiment}",
+            "debug=fast",
+            "data.prepare=null",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "data.shuffle_buffer=8",
+            f"data.train.urls={shards}/train.manifest.json",
+            f"data.val.urls={shards}/val.manifest.json",
+            f"hydra.run.dir={run_dir}",
+            "trainer.max_steps=8",
+            "trainer.max_epochs=-1",
+            "trainer.val_check_interval=3",
+            "callbacks.checkpoint.every_n_train_steps=4",
+            *overrides,
+        ],
+        cwd=run_dir.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

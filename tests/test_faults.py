@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_shards
+from conftest import REPO, training_cli, write_shards
 from trainer.checkpoints import (
     AtomicCheckpointIO,
     atomic_torch_save,
@@ -31,8 +31,6 @@ from trainer.checkpoints import (
 from trainer.errors import CheckpointError, DiskFullError
 from trainer.run_lock import RunFolderInUseError, RunLock
 from trainer.train import _user_message, check_brace_overrides
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class Payload:
@@ -73,34 +71,8 @@ def http_folder(tmp_path: Path):
 
 def cli(run_dir: Path, shards: Path, *overrides: str, experiment: str = "shapes_clip") -> subprocess.CompletedProcess:
     """A tiny run of the training CLI (``experiment``) on ``shards``, in ``run_dir``."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trainer.train",
-            f"experiment={experiment}",
-            "debug=fast",
-            "data.prepare=null",
-            "data.image_size=32",
-            "data.batch_size=4",
-            "data.shuffle_buffer=8",
-            f"data.train.urls={shards}/train.manifest.json",
-            f"data.val.urls={shards}/val.manifest.json",
-            f"hydra.run.dir={run_dir}",
-            "trainer.max_steps=8",
-            "trainer.max_epochs=-1",
-            "trainer.val_check_interval=3",
-            "callbacks.checkpoint.every_n_train_steps=4",
-            *(["task.export=false"] if experiment == "shapes_clip" else []),
-            *overrides,
-        ],
-        cwd=run_dir.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    export = ["task.export=false"] if experiment == "shapes_clip" else []
+    return training_cli(run_dir, shards, experiment, *export, *overrides)
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -469,8 +441,9 @@ def test_the_documented_brace_patterns_reach_hydra_quoted() -> None:
     checked = 0
     for document in documents:
         for line in document.read_text().splitlines():
-            line = line.strip().lstrip("#").strip().removesuffix("\\").strip("`")
-            if "urls=" in line and re.search(r"\{\d+\.\.\d+\}", line):
-                assert check_brace_overrides(shlex.split(line, comments=True)) is None, f"{document.name}: {line}"
-                checked += 1
+            line = line.strip().lstrip("#").strip().removesuffix("\\")
+            for command in re.findall(r"`([^`]+)`", line) or [line]:  # in prose, its code spans
+                if "urls=" in command and re.search(r"\{\d+\.\.\d+\}", command):
+                    assert check_brace_overrides(shlex.split(command, comments=True)) is None, command
+                    checked += 1
     assert checked >= 10

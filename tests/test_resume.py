@@ -6,14 +6,13 @@ import os
 import random
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import write_shards
+from conftest import training_cli, write_shards
 from tiny import AE, CLIP
 from trainer.callbacks.resume import rng_state, set_rng_state
 from trainer.checkpoints import atomic_torch_save, checkpoint_is_complete, export_vae, find_resume_checkpoint
@@ -126,41 +125,11 @@ def test_find_resume_checkpoint_skips_corrupt_and_truncated_files(tmp_path: Path
 
 # -- the training CLI: kill -9, resume, compare bitwise with an uninterrupted run -------------------------------------
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def run_cli(
     run_dir: Path, shards: Path, experiment: str, *overrides: str, expect_kill: bool = False
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trainer.train",
-            f"experiment={experiment}",
-            "debug=fast",
-            "data.prepare=null",
-            "data.image_size=32",
-            "data.batch_size=4",
-            "data.shuffle_buffer=8",
-            "data.crop=random",
-            "data.resize_size=40",
-            f"data.train.urls={shards}/train.manifest.json",
-            f"data.val.urls={shards}/val.manifest.json",
-            f"hydra.run.dir={run_dir}",
-            "trainer.max_steps=8",
-            "trainer.max_epochs=-1",
-            "trainer.val_check_interval=3",
-            "callbacks.checkpoint.every_n_train_steps=4",
-            *overrides,
-        ],
-        cwd=run_dir.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = training_cli(run_dir, shards, experiment, "data.crop=random", "data.resize_size=40", *overrides)
     if expect_kill:
         assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     else:
