@@ -24,7 +24,7 @@ from trainer.data.buckets import Buckets
 from trainer.data.pipeline import SampleFilter, ShardDataset, ShardLoader
 from trainer.data.shards import manifest_path
 from trainer.data.sources import resolve_sources
-from trainer.data.transforms import ImageTransform
+from trainer.data.transforms import MAX_IMAGE_PIXELS, ImageTransform
 from trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ class ShardDataModule(pl.LightningDataModule):
         tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
         buckets: Mapping[str, Any] | None = None,
         caption_transform: Callable[[str, dict, Any], str] | None = None,
+        max_skipped_fraction: float | None = 0.9,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ):
         super().__init__()
         if "urls" not in train:
@@ -81,6 +83,8 @@ class ShardDataModule(pl.LightningDataModule):
                 resize_size,
             )
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        # a run stops when more of its samples than this are faults (null: never); larger images are skipped unread
+        self.max_skipped_fraction, self.max_image_pixels = max_skipped_fraction, max_image_pixels
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prepare, self.tokenizer = prepare, tokenizer
         if caption_transform is not None and not callable(caption_transform):
@@ -124,6 +128,8 @@ class ShardDataModule(pl.LightningDataModule):
             name="data.train" if train else "data.val",
             buckets=self.buckets,
             caption_transform=self.caption_transform if train else None,
+            max_skipped_fraction=self.max_skipped_fraction,
+            max_image_pixels=self.max_image_pixels,
         )
 
     def val_workers(self) -> int:
@@ -138,13 +144,23 @@ class ShardDataModule(pl.LightningDataModule):
         if self.val_set is None and self.val_spec.get("urls"):
             self.val_set = self._dataset(self.val_spec, train=False, num_workers=self.val_workers())
 
+    # An epoch that data.filters empty stops the run too (the library's loader only warns): training on nothing
+    # would go through empty epochs forever, or finish at once and export the untrained model
     def train_dataloader(self) -> ShardLoader:
-        return ShardLoader(self.train_set, num_workers=self.num_workers, pin_memory=self.pin_memory, even_ranks=True)
+        return ShardLoader(
+            self.train_set,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            even_ranks=True,
+            allow_filtered_out=False,
+        )
 
     def val_dataloader(self) -> ShardLoader | list:
         if self.val_set is None:
             return []
-        return ShardLoader(self.val_set, num_workers=self.val_workers(), pin_memory=self.pin_memory)
+        return ShardLoader(
+            self.val_set, num_workers=self.val_workers(), pin_memory=self.pin_memory, allow_filtered_out=False
+        )
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """A batch's tensors to the device, without walking its captions, keys, urls, json and fault counts.

@@ -27,10 +27,29 @@ step may come from different buckets: each rank runs its own shapes and DDP aver
 the same shapes on every rank, so that is fine (a rank's batch may also be smaller than the others' at the end
 of an epoch, as without buckets). Cached latents (``latents.npy``) are grouped by their shape instead.
 
-Faults never stop the run: a broken image, a missing caption or image, bad json, a truncated or
-unreadable tar is skipped, counted in :class:`FaultCounter` and logged with its shard URL and key.
-Each batch carries its worker's cumulative counts under ``"data_stats"`` so the training side can
+A fault does not stop the run: a broken image, a missing caption or image, a caption that is not UTF-8,
+an image above ``max_image_pixels`` (judged from its header, after JPEG draft-mode reduction, before decoding),
+bad json, a truncated or unreadable tar is skipped, counted in :class:`FaultCounter` and logged with its shard
+URL and key. Each batch carries its worker's cumulative counts under ``"data_stats"`` so the training side can
 add them up across workers and ranks and log them as metrics.
+
+Data that yields nothing does stop the run, with a :class:`~trainer.errors.DataError` naming what was skipped
+and why, raised by :class:`ShardLoader` in the main process (a loader worker's exception would reach the user
+wrapped in a traceback):
+
+- an epoch of a rank that yields no batch (every shard empty or unreadable, every sample skipped; every sample
+  filtered out too where the loader's ``allow_filtered_out`` is False, as the data module's loaders have it);
+- a skipped fraction above ``max_skipped_fraction`` (0.9 by default; None: no limit) of the raw samples a rank
+  has read in the epoch, judged on every batch once ``judge_after`` samples are read, and at the end of the
+  epoch whatever the count. Only faults count: samples that ``filters`` reject are deliberate, and shard errors
+  (counted per shard, not per sample) are reported but not counted;
+- a worker that keeps none of the first ``give_up_after`` samples it reads: in resampled mode, whatever the
+  reason (its stream would never end); in exact mode, when the faults among them are above the fraction.
+
+For that each worker's stream, as :class:`ShardLoader` iterates it, ends with an item that holds only its final
+``data_stats`` (which :class:`ShardLoader` takes out); at the end of a stream it changes nothing of the order
+in which the DataLoader hands out the workers' batches, so exact resume is unaffected. A worker that gives up
+ends its stream early with such an item, naming why.
 """
 
 from __future__ import annotations
@@ -38,6 +57,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -47,20 +67,53 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from trainer.data.buckets import Buckets, Size
 from trainer.data.sources import Source, check_sources, open_url, resolve_sources
-from trainer.data.transforms import ImageTransform, decode_image
-from trainer.errors import ConfigError
+from trainer.data.transforms import (
+    MAX_IMAGE_PIXELS,
+    ImageTooLarge,
+    ImageTransform,
+    decode_image,
+    open_image,
+    prepare_decode,
+)
+from trainer.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MODES = ("exact", "resampled")
-# Sample-level skip reasons; "filtered" (rejected by a metadata filter) is counted but is no fault.
-FAULTS = ("broken_image", "missing_image", "missing_caption", "bad_json", "bad_cache", "shard_error")
+# Skip reasons; "filtered" (rejected by a metadata filter) is counted but is no fault.
+FAULTS = (
+    "broken_image",
+    "missing_image",
+    "missing_caption",
+    "bad_caption",
+    "too_large",
+    "bad_json",
+    "bad_cache",
+    "shard_error",
+)
+# The reasons counted per sample (a shard error is counted once per shard), which max_skipped_fraction judges
+SAMPLE_FAULTS = tuple(reason for reason in FAULTS if reason != "shard_error")
+# The key of the item that closes each worker's stream under ShardLoader: {STATS_ONLY: True, "data_stats": ...}
+STATS_ONLY = "stats_only"
+# What each reason most likely means, for the error of data that yields nothing ({opt}: the option prefix)
+HINTS = {
+    "missing_caption": "check {opt}.caption_key ({caption_key!r}; txt reads <key>.txt, json:<field> a field of "
+    "<key>.json) or set {opt}.require_caption=false",
+    "missing_image": "each sample needs an image member (.jpg, .jpeg, .png or .webp) beside its caption",
+    "broken_image": "the images cannot be decoded (python tools/inspect_shards.py URLS lists them)",
+    "bad_caption": "the .txt captions are not UTF-8: write them as UTF-8",
+    "too_large": "the images are above {opt}.max_image_pixels={max_image_pixels}: raise it (null: no limit) or "
+    "shrink the images (tools/make_shards.py --max-side)",
+    "bad_json": "the samples' .json members are not JSON objects",
+    "bad_cache": "the cached latents cannot be read: write the cache again (tools/cache_latents.py)",
+    "filtered": "{opt}.filters reject every sample: loosen them",
+    "shard_error": "the shards cannot be read: check {name}.urls",
+}
 
 
 class FaultCounter:
@@ -68,6 +121,7 @@ class FaultCounter:
 
     def __init__(self, where: str = "", log_first: int = 5):
         self.counts: Counter[str] = Counter()
+        self.shards = 0  # shards opened
         self.where = where
         self._shard: str | None = None
         self._shard_failed = False
@@ -82,6 +136,7 @@ class FaultCounter:
 
     def start_shard(self, url: str) -> None:
         self._shard, self._shard_failed = url, False
+        self.shards += 1
 
     def shard_error(self, error: BaseException) -> bool:
         """A webdataset exception handler: count and log once per shard, then go on with the next shard.
@@ -117,6 +172,29 @@ class SampleFilter:
         return not (self.max_aspect is not None and aspect > self.max_aspect)
 
 
+class _GiveUp(Exception):  # noqa: N818 - not an error of its own: it ends a worker's stream
+    """A worker's stream ends early: it cannot yield anything (the message says why)."""
+
+
+@dataclass
+class _Progress:
+    """Where a worker's stream stands: raw samples read, batches made, samples kept (this run)."""
+
+    position: int = 0
+    produced: int = 0
+    kept: int = 0
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    """``missing_caption 40, broken_image 2``: the reasons counted, most frequent first."""
+    named = sorted(((n, reason) for reason, n in counts.items() if n), key=lambda item: (-item[0], item[1]))
+    return ", ".join(f"{reason} {n}" for n, reason in named)
+
+
 def _seeded(*parts: Any) -> random.Random:
     return random.Random(":".join(str(p) for p in parts))
 
@@ -127,7 +205,13 @@ class ShardDataset(IterableDataset):
     ``rank`` and ``world_size`` are given explicitly (the data module reads them from the trainer),
     so the same object works in one process, under DDP, and in tests that play several ranks.
     ``num_workers`` is what the loader will use; it is checked against the shard count up front.
+    ``max_skipped_fraction`` and ``max_image_pixels`` are described in the module docstring.
     """
+
+    # Raw samples a rank reads in an epoch before its skipped fraction is judged (it is at the epoch's end too)
+    judge_after = 1000
+    # Raw samples a worker reads without keeping one before it gives up (module docstring)
+    give_up_after = 5000
 
     def __init__(
         self,
@@ -151,8 +235,29 @@ class ShardDataset(IterableDataset):
         name: str = "data",
         buckets: Buckets | Any = None,
         caption_transform: Callable[[str, dict, random.Random], str] | None = None,
+        max_skipped_fraction: float | None = 0.9,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ):
         super().__init__()
+        option = name.split(".")[0]  # "data" of "data.train": where the data options live in the config
+        if max_skipped_fraction is not None and (
+            isinstance(max_skipped_fraction, bool)
+            or not isinstance(max_skipped_fraction, (int, float))
+            or not 0 <= max_skipped_fraction <= 1
+        ):
+            raise ConfigError(
+                f"{option}.max_skipped_fraction must be a number from 0 to 1 (e.g. 0.9) or null (no limit), "
+                f"got {max_skipped_fraction!r}"
+            )
+        if max_image_pixels is not None and (
+            isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 1
+        ):
+            raise ConfigError(
+                f"{option}.max_image_pixels must be a positive number of pixels (e.g. {MAX_IMAGE_PIXELS}) or null "
+                f"(no limit), got {max_image_pixels!r}"
+            )
+        self.option = option
+        self.max_skipped_fraction, self.max_image_pixels = max_skipped_fraction, max_image_pixels
         if mode not in MODES:
             raise ConfigError(f"{name}.mode must be one of {MODES}, got {mode!r}")
         if batch_size < 1:
@@ -175,6 +280,8 @@ class ShardDataset(IterableDataset):
         # Set by ShardLoader when a run resumes mid-epoch: {logical worker: (raw samples read, batches made)}.
         self.resume: dict[int, tuple[int, int]] | None = None
         self.rotation = 0
+        # Set by ShardLoader while it starts its workers: end each stream with a stats-only item (module docstring)
+        self.stats_items = False
         workers = max(1, num_workers)
         if mode == "exact":
             if len({s.weight for s in self.sources}) > 1:
@@ -223,6 +330,50 @@ class ShardDataset(IterableDataset):
             _seeded(self.seed, epoch if epoch is not None else self.epoch).shuffle(shards)
         return shards[self.rank :: self.world_size][worker::num_workers]
 
+    # -- the errors of data that yields nothing (raised by ShardLoader) ------------------------------------------
+
+    def nothing_message(
+        self, epoch: int, counts: dict[str, int], read: int, shards: int, kept: int, why: str | None = None
+    ) -> str:
+        """One line for an epoch of this rank without a batch: ``read`` raw samples in ``shards`` shards, of which
+        ``kept`` passed, skipped as ``counts`` say; ``why``: what a worker that gave up said."""
+        where = f"{self.name}: epoch {epoch} of rank {self.rank}"
+        how = f" ({why})" if why else ""
+        unreadable = counts.get("shard_error", 0)
+        in_shards = _plural(shards, "shard") + (f" ({unreadable} unreadable)" if unreadable else "")
+        if read == 0:
+            return (
+                f"{where} yielded no sample{how}: its {in_shards} held none; check {self.name}.urls "
+                "(python tools/inspect_shards.py URLS shows what a shard holds)"
+            )
+        skipped = sum(counts.get(reason, 0) for reason in (*SAMPLE_FAULTS, "filtered"))
+        reasons = f" ({_reasons(counts)})" if skipped or unreadable else ""
+        if kept > 0 and why is None:
+            return (
+                f"{where} yielded no batch: {kept} samples passed of {read} read in {in_shards}{reasons}, fewer "
+                f"than one batch of {self.batch_size} in each loader worker, and partial batches are dropped; lower "
+                f"the batch size ({self.option}.batch_size) or write more samples"
+            )
+        return f"{where} yielded no sample{how}: {skipped} of {read} samples skipped{reasons} in {in_shards}; " + (
+            self._hint(counts)
+        )
+
+    def fraction_message(self, epoch: int, counts: dict[str, int], read: int) -> str:
+        faults = {reason: counts.get(reason, 0) for reason in SAMPLE_FAULTS}
+        fraction = sum(faults.values()) / read
+        percent = f"{math.floor(round(fraction * 1000, 6)) / 10:g}%"
+        return (
+            f"{self.name}: {percent} of {read} samples read by rank {self.rank} in epoch {epoch} were skipped "
+            f"({_reasons(faults)}), above {self.option}.max_skipped_fraction={self.max_skipped_fraction}; "
+            f"{self._hint(faults)}, or raise {self.option}.max_skipped_fraction (null: no limit)"
+        )
+
+    def _hint(self, counts: dict[str, int]) -> str:
+        reason = max(HINTS, key=lambda r: counts.get(r, 0))
+        return HINTS[reason].format(
+            opt=self.option, name=self.name, caption_key=self.caption_key, max_image_pixels=self.max_image_pixels
+        )
+
     # -- stages ---------------------------------------------------------------------------------
 
     def read_samples(self, urls: Iterator[str], faults: FaultCounter) -> Iterator[dict]:
@@ -255,7 +406,7 @@ class ShardDataset(IterableDataset):
                     yield sample
                 empty = 0 if got else empty + 1
                 if empty > max(50, 5 * len(source.urls)):
-                    raise RuntimeError(f"{self.name}: no readable sample in {empty} shards drawn from {source.name!r}")
+                    raise _GiveUp(f"drew {empty} shards in a row from {source.name!r} without a sample in them")
 
         streams = [endless(source) for source in self.sources]
         weights = [source.weight for source in self.sources]
@@ -264,9 +415,10 @@ class ShardDataset(IterableDataset):
             yield next(streams[rng.choices(indices, weights)[0]])
 
     def _caption(self, sample: dict, meta: dict) -> str | None:
+        """The sample's caption, stripped, or None; a ``.txt`` that is not UTF-8 raises UnicodeDecodeError."""
         if self.caption_key == "txt":
             raw = sample.get("txt")
-            caption = raw.decode("utf-8", errors="replace") if raw is not None else None
+            caption = raw.decode("utf-8") if raw is not None else None
         else:
             value = meta.get(self.caption_key[5:])
             caption = str(value) if value is not None else None
@@ -286,7 +438,10 @@ class ShardDataset(IterableDataset):
                 raise ValueError("the json member is not an object")
         except ValueError as error:
             return faults.skip("bad_json", url, key, error)
-        caption = self._caption(sample, meta)
+        try:
+            caption = self._caption(sample, meta)
+        except UnicodeDecodeError as error:  # skipped even where captions are optional: the sample is corrupt
+            return faults.skip("bad_caption", url, key, error)
         if not caption:
             if self.require_caption:
                 return faults.skip("missing_caption", url, key)
@@ -314,9 +469,12 @@ class ShardDataset(IterableDataset):
         ext, meta, caption = parsed
         try:
             if size is None:
-                image = decode_image(sample[ext], min_side=self.transform.resize_size or self.transform.size)
+                min_side = self.transform.resize_size or self.transform.size
+                image = decode_image(sample[ext], min_side=min_side, max_pixels=self.max_image_pixels)
             else:
-                image = decode_image(sample[ext], cover=size)
+                image = decode_image(sample[ext], cover=size, max_pixels=self.max_image_pixels)
+        except ImageTooLarge as error:  # judged from the header: nothing was decoded
+            return faults.skip("too_large", url, key, error)
         except Exception as error:  # noqa: BLE001 - Pillow raises many kinds for broken files
             return faults.skip("broken_image", url, key, error)
         if size is not None:
@@ -344,8 +502,12 @@ class ShardDataset(IterableDataset):
             return None
         ext, meta, _ = parsed
         try:
-            with Image.open(io.BytesIO(sample[ext])) as image:  # reads the header only
+            with open_image(sample[ext]) as image:  # reads the header only
                 width, height = image.size
+                if self.max_image_pixels is not None:  # as decode_image will see it, JPEGs in draft mode
+                    prepare_decode(image, cover=self.buckets.size_for(width, height), max_pixels=self.max_image_pixels)
+        except ImageTooLarge as error:
+            return faults.skip("too_large", url, key, error)
         except Exception as error:  # noqa: BLE001 - Pillow raises many kinds for broken files
             return faults.skip("broken_image", url, key, error)
         sized_by_meta = "width" in meta and "height" in meta
@@ -362,7 +524,10 @@ class ShardDataset(IterableDataset):
                 item["context"] = torch.from_numpy(np.load(io.BytesIO(sample["context.npy"])))
         except (ValueError, OSError) as error:
             return faults.skip("bad_cache", url, key, error)
-        caption = self._caption(sample, meta) or ""
+        try:
+            caption = self._caption(sample, meta) or ""
+        except UnicodeDecodeError as error:
+            return faults.skip("bad_caption", url, key, error)
         if self.caption_transform is not None:  # for captions encoded live; cached embeddings cannot follow
             caption = self.caption_transform(caption, meta, rng)  # (the LDM task refuses the two together)
         return {**item, "caption": caption, "key": key, "url": url, "meta": meta}
@@ -396,11 +561,15 @@ class ShardDataset(IterableDataset):
         # hands out the batches in the order of the interrupted run; every stream below is named by the logical id.
         worker = (physical + self.rotation) % num_workers
         start = (self.resume or {}).get(worker, (0, 0))
-        return self._batches(worker, num_workers, self.epoch, *start)
+        return self._batches(worker, num_workers, self.epoch, *start, stats_items=self.stats_items)
 
-    def _batches(self, worker: int, num_workers: int, epoch: int, skip: int, produced: int) -> Iterator[dict]:
+    def _batches(
+        self, worker: int, num_workers: int, epoch: int, skip: int, produced: int, stats_items: bool = False
+    ) -> Iterator[dict]:
         """The batches of one logical worker in one epoch, after its first ``skip`` raw samples (the shuffled
-        stream's order) and ``produced`` batches: a resumed worker replays its stream up to there without decoding."""
+        stream's order) and ``produced`` batches: a resumed worker replays its stream up to there without decoding.
+        With ``stats_items`` the stream ends with a stats-only item (module docstring); without, a worker that
+        gives up raises DataError itself."""
         rng = _seeded(self.seed, epoch, self.rank, worker)  # shard draws and the shuffle buffer
         faults = FaultCounter(where=f" [{self.name} rank {self.rank} worker {worker}]")
         if self.mode == "exact":
@@ -412,29 +581,68 @@ class ShardDataset(IterableDataset):
             max_batches = per_rank // num_workers + (worker < per_rank % num_workers)
         if self.shuffle and self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(samples)
-        if self.buckets is not None:
-            yield from self._bucketed(samples, worker, epoch, produced, max_batches, faults)
-            return
+        progress = _Progress(produced=produced)
+        failed = None
+        try:
+            if self.buckets is not None:
+                yield from self._bucketed(samples, worker, epoch, produced, max_batches, faults, progress)
+            else:
+                yield from self._plain(samples, worker, epoch, skip, max_batches, faults, progress)
+        except _GiveUp as error:
+            failed = f"worker {worker} {error}"
+            if not stats_items:
+                read = progress.position - (skip if self.buckets is None else 0)
+                raise DataError(self.nothing_message(epoch, faults.counts, read, faults.shards, 0, failed)) from None
+        if stats_items:
+            stats = self._stats(worker, faults, epoch, progress.position, progress.produced)
+            yield {STATS_ONLY: True, "data_stats": {**stats, "shards": faults.shards, "failed": failed}}
 
-        position, batch = 0, []
+    def _plain(
+        self,
+        samples: Iterator[dict],
+        worker: int,
+        epoch: int,
+        skip: int,
+        max_batches: int | None,
+        faults: FaultCounter,
+        progress: _Progress,
+    ) -> Iterator[dict]:
+        """Batches of ``batch_size`` consecutive samples, each resized and cropped square by ``transform``."""
+        batch = []
         for sample in samples:
-            if max_batches is not None and produced >= max_batches:
+            if max_batches is not None and progress.produced >= max_batches:
                 break
-            position += 1
+            progress.position += 1
+            position = progress.position
             if position <= skip:
                 continue
             # Augmentations draw from a generator of their own per sample, so a replay need not run them.
             item = self.decode_sample(sample, _seeded(self.seed, epoch, self.rank, worker, position), faults)
             if item is None:
+                if not progress.kept:
+                    self._check_stall(position - skip, faults)
                 continue
+            progress.kept += 1
             batch.append(item)
             if len(batch) == self.batch_size:
-                produced += 1
-                yield self._collate(batch, self._stats(worker, faults, epoch, position, produced))
+                progress.produced += 1
+                yield self._collate(batch, self._stats(worker, faults, epoch, position, progress.produced))
                 batch = []
-        if batch and not self.drop_last and (max_batches is None or produced < max_batches):
-            produced += 1
-            yield self._collate(batch, self._stats(worker, faults, epoch, position, produced))
+        if batch and not self.drop_last and (max_batches is None or progress.produced < max_batches):
+            progress.produced += 1
+            yield self._collate(batch, self._stats(worker, faults, epoch, progress.position, progress.produced))
+
+    def _check_stall(self, read: int, faults: FaultCounter) -> None:
+        """Raise _GiveUp for a worker that has read ``read`` samples of its stream and kept none (module docstring);
+        judged every ``give_up_after`` samples."""
+        if read % self.give_up_after:
+            return
+        if self.mode == "resampled":
+            raise _GiveUp(f"kept none of the {read} samples it read (its stream would never end)")
+        threshold = self.max_skipped_fraction
+        skipped = sum(faults.counts[reason] for reason in SAMPLE_FAULTS)
+        if threshold is not None and skipped > threshold * read:
+            raise _GiveUp(f"kept none of the first {read} samples it read")
 
     def _bucketed(
         self,
@@ -444,6 +652,7 @@ class ShardDataset(IterableDataset):
         done: int,
         max_batches: int | None,
         faults: FaultCounter,
+        progress: _Progress,
     ) -> Iterator[dict]:
         """Batches formed within buckets while streaming (see the module docstring), after the first ``done``.
 
@@ -451,12 +660,11 @@ class ShardDataset(IterableDataset):
         resumed worker forms its first ``done`` batches again from the replayed stream without decoding them, and
         its buffers then hold exactly the samples that the interrupted run's buffers held."""
         pending: dict[tuple, list[tuple[int, dict]]] = {}  # buffer key -> [(stream position, raw sample)], oldest first
-        position = made = 0
+        progress.produced = 0  # batches made, those before the resume included
 
         def emit(where: tuple, group: list[tuple[int, dict]]) -> dict | None:
-            nonlocal made
-            made += 1
-            if made <= done:  # consumed before the resume
+            progress.produced += 1
+            if progress.produced <= done:  # consumed before the resume
                 return None
             size = self.buckets.sizes[where[1]] if where[0] == "image" else None
             items = [
@@ -466,20 +674,23 @@ class ShardDataset(IterableDataset):
             items = [item for item in items if item is not None]  # an image may still fail to decode
             if not items:
                 return None
-            batch = self._collate(items, self._stats(worker, faults, epoch, position, made))
+            batch = self._collate(items, self._stats(worker, faults, epoch, progress.position, progress.produced))
             if size is not None:
                 batch["bucket"] = size
             return batch
 
         for sample in samples:
-            if max_batches is not None and made >= max_batches:
+            if max_batches is not None and progress.produced >= max_batches:
                 break
-            position += 1
+            progress.position += 1
             where = self._bucket_of(sample, faults)
             if where is None:
+                if not progress.kept:  # a replay parses every sample again, so it counts them all
+                    self._check_stall(progress.position, faults)
                 continue
+            progress.kept += 1
             group = pending.setdefault(where, [])
-            group.append((position, sample))
+            group.append((progress.position, sample))
             if len(group) == self.batch_size:
                 del pending[where]
                 batch = emit(where, group)
@@ -488,7 +699,7 @@ class ShardDataset(IterableDataset):
         if self.drop_last or self.buckets.drop_partial:
             return
         for where, group in pending.items():  # the end of the stream: the partial batches, oldest first
-            if max_batches is not None and made >= max_batches:
+            if max_batches is not None and progress.produced >= max_batches:
                 break
             batch = emit(where, group)
             if batch is not None:
@@ -528,6 +739,12 @@ class ShardLoader(DataLoader):
     (tar reading only; with buckets also the image headers, which fills the bucket buffers again),
     and the workers are rotated so that batches come in the interrupted run's order. The same
     number of ranks and workers is required; otherwise the run restarts its epoch.
+
+    Data that yields nothing (see the module docstring) stops the iteration with DataError here, in the main
+    process: each worker's stream ends with a stats-only item, which this loader takes out (it never reaches the
+    caller), and every batch's ``data_stats`` keeps the epoch's tallies per worker. An epoch emptied by ``filters``
+    alone, with no fault, ends empty with a warning instead, unless ``allow_filtered_out`` is False (the data
+    module's loaders: a training run would otherwise go through empty epochs forever).
     """
 
     def __init__(
@@ -537,6 +754,7 @@ class ShardLoader(DataLoader):
         pin_memory: bool = False,
         prefetch_factor: int = 2,
         even_ranks: bool = False,
+        allow_filtered_out: bool = True,
     ):
         super().__init__(
             dataset,
@@ -551,8 +769,10 @@ class ShardLoader(DataLoader):
         )
         self.next_epoch = 0
         self.even_ranks = even_ranks
+        self.allow_filtered_out = allow_filtered_out
         self.consumed = 0  # batches of the current epoch that training has taken
         self.positions: dict[int, dict[int, tuple[int, int]]] = {}  # rank -> logical worker -> (raw, batches)
+        self.last_workers: dict[int, int] = {}  # rank -> the logical worker of the last batch consumed
         self._resume: dict[str, Any] | None = None
 
     def __iter__(self):
@@ -562,18 +782,88 @@ class ShardLoader(DataLoader):
         if state is not None:
             epoch, self.consumed = state["epoch"], state["consumed"]
             self.positions = {int(r): {int(w): tuple(p) for w, p in ws.items()} for r, ws in state["positions"].items()}
-            dataset.resume, dataset.rotation = self.positions.get(dataset.rank, {}), self.consumed % workers
+            self.last_workers = {int(r): int(w) for r, w in state.get("last_workers", {}).items()}
+            # The DataLoader goes round the workers that still have batches: the next batch is the next such worker's
+            # after the last one taken. (consumed % workers is the same while none has run out; older checkpoints.)
+            last = self.last_workers.get(dataset.rank)
+            rotation = (last + 1) % workers if last is not None else self.consumed % workers
+            dataset.resume, dataset.rotation = self.positions.get(dataset.rank, {}), rotation
             log.info("data: resuming epoch %d after %d batches", epoch, self.consumed)
         else:
-            epoch, self.consumed, self.positions = self.next_epoch, 0, {}
+            epoch, self.consumed, self.positions, self.last_workers = self.next_epoch, 0, {}, {}
             dataset.resume, dataset.rotation = None, 0
         dataset.set_epoch(epoch)
         self.next_epoch = epoch + 1
-        batches = super().__iter__()  # workers get their copy of the dataset (and its resume point) here
-        dataset.resume, dataset.rotation = None, 0
+        # the raw samples of each worker's stream that a resumed worker replays without counting their faults
+        replayed = {w: p[0] for w, p in (dataset.resume or {}).items()} if dataset.buckets is None else {}
+        dataset.stats_items = True
+        items = super().__iter__()  # workers get their copy of the dataset (and its resume point) here
+        dataset.resume, dataset.rotation, dataset.stats_items = None, 0, False
+        batches = self._checked(items, epoch, replayed, resumed=self.consumed > 0)
         if self.even_ranks and _distributed_world_size() > 1:
-            return _lockstep(batches, stop_together=dataset.mode == "exact")
+            return _lockstep(batches, stop_together=dataset.mode == "exact", name=dataset.name)
         return batches
+
+    def __len__(self) -> int:
+        # DataLoader's own __len__ would also have its iterator warn once the items outnumber it, which with each
+        # worker's closing stats item they do; the batches that training sees never do
+        return len(self.dataset)
+
+    def _checked(self, items: Iterator[dict], epoch: int, replayed: dict[int, int], resumed: bool) -> Iterator[dict]:
+        """The batches of ``items`` without the workers' stats-only items, stopping with DataError when the epoch
+        yields no batch (unless it was ``resumed`` after some), a worker gave up, or too much is skipped (module
+        docstring)."""
+        dataset: ShardDataset = self.dataset
+        tallies: dict[int, tuple[dict[str, int], int]] = {}  # logical worker -> (counts, raw samples counted)
+        shards: dict[int, int] = {}
+        batches = 0
+
+        def totals() -> tuple[dict[str, int], int]:
+            counts: Counter[str] = Counter()
+            for worker_counts, _ in tallies.values():
+                counts.update(worker_counts)
+            return dict(counts), sum(read for _, read in tallies.values())
+
+        def kept(counts: dict[str, int], read: int) -> int:
+            return read - sum(counts.get(reason, 0) for reason in (*SAMPLE_FAULTS, "filtered"))
+
+        def nothing(why: str | None = None) -> DataError:
+            counts, read = totals()
+            return DataError(
+                dataset.nothing_message(epoch, counts, read, sum(shards.values()), kept(counts, read), why)
+            )
+
+        def judge(final: bool) -> None:
+            threshold = dataset.max_skipped_fraction
+            if threshold is None:
+                return
+            counts, read = totals()
+            if read <= 0 or (read < dataset.judge_after and not final):
+                return  # too few samples yet to judge by
+            if sum(counts.get(reason, 0) for reason in SAMPLE_FAULTS) > threshold * read:
+                raise DataError(dataset.fraction_message(epoch, counts, read))
+
+        for item in items:
+            stats = item["data_stats"]
+            worker = stats["worker"]
+            tallies[worker] = (stats["counts"], stats["position"][0] - replayed.get(worker, 0))
+            if item.get(STATS_ONLY):
+                shards[worker] = stats["shards"]
+                if stats["failed"]:
+                    raise nothing(stats["failed"])
+                judge(final=False)
+                continue
+            batches += 1
+            judge(final=False)
+            yield item
+        if not batches and not resumed:  # (a resumed epoch may have had all its batches before the interruption)
+            counts, read = totals()
+            faults = sum(counts.get(reason, 0) for reason in FAULTS)
+            if self.allow_filtered_out and counts.get("filtered") and not faults and kept(counts, read) <= 0:
+                log.warning("%s", nothing().args[0])  # deliberate; a training run would say so and stop
+                return
+            raise nothing()
+        judge(final=True)
 
     def mark_consumed(self, batch: Any) -> None:
         """Training took ``batch``: record where the streams stand after it."""
@@ -583,12 +873,14 @@ class ShardLoader(DataLoader):
         self.consumed += 1
         for rank, worker, raw, produced in stats.get("ranks") or [(stats["rank"], stats["worker"], *stats["position"])]:
             self.positions.setdefault(int(rank), {})[int(worker)] = (int(raw), int(produced))
+            self.last_workers[int(rank)] = int(worker)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.next_epoch - 1,
             "consumed": self.consumed,
             "positions": {r: dict(ws) for r, ws in self.positions.items()},
+            "last_workers": dict(self.last_workers),
             "num_workers": max(1, self.num_workers),
             "world_size": self.dataset.world_size,
             "mode": self.dataset.mode,
@@ -622,9 +914,11 @@ def _distributed_world_size() -> int:
 _GLOO_GROUP = None
 
 
-def _lockstep(batches: Iterator[dict], stop_together: bool) -> Iterator[dict]:
+def _lockstep(batches: Iterator[dict], stop_together: bool, name: str = "data") -> Iterator[dict]:
     """Batches of this rank, each carrying every rank's stream position for the same batch index under
-    ``data_stats["ranks"]``; with ``stop_together``, the epoch ends on all ranks when any rank runs out."""
+    ``data_stats["ranks"]``; with ``stop_together``, the epoch ends on all ranks when any rank runs out. A rank
+    whose data stops with DataError raises it, and every other rank then raises one naming that rank, at the same
+    batch index: none is left waiting in a collective."""
     import torch.distributed as dist
 
     global _GLOO_GROUP
@@ -633,14 +927,28 @@ def _lockstep(batches: Iterator[dict], stop_together: bool) -> Iterator[dict]:
         _GLOO_GROUP = dist.new_group(backend="gloo")
     world = dist.get_world_size()
     while True:
-        batch = next(batches, None)
-        if batch is None:
+        failure = None
+        try:
+            batch = next(batches, None)
+        except DataError as error:
+            batch, failure = None, error
+        if failure is not None:
+            mine = torch.tensor([-1, dist.get_rank(), -1, -1, -1], dtype=torch.int64)
+        elif batch is None:
             mine = torch.tensor([0, -1, -1, -1, -1], dtype=torch.int64)
         else:
             stats = batch["data_stats"]
             mine = torch.tensor([1, stats["rank"], stats["worker"], *stats["position"]], dtype=torch.int64)
         gathered = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine, group=_GLOO_GROUP)
+        if failure is not None:
+            raise failure
+        failed = [int(row[1]) for row in gathered if row[0] < 0]
+        if failed:
+            raise DataError(
+                f"{name}: rank {failed[0]} stopped the epoch: its data yields no sample or too much of it is "
+                "skipped (that rank's own error says why)"
+            )
         have = [bool(row[0]) for row in gathered]
         if batch is None or (stop_together and not all(have)):
             if batch is not None:

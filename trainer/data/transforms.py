@@ -34,23 +34,59 @@ RESAMPLE = {
 }
 
 
-def decode_image(data: bytes, min_side: int | None = None, cover: Size | None = None) -> Image.Image:
-    """Decode image bytes (jpg, png, webp, ...) into an RGB PIL image.
+# The pipeline's default for data.max_image_pixels: larger images (after JPEG draft-mode reduction) are skipped
+# unread. 64 MiP decode to ~200 MB of RGB; a 12000 x 12000 PNG would take 430 MB.
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 
-    With ``min_side``, JPEGs are decoded in draft mode at the smallest power-of-two reduction that
-    still leaves the shorter side at least ``min_side`` pixels (much faster for large photos, and
-    the resize that follows needs no more). ``cover`` (a bucket's (width, height)) sets ``min_side``
-    to what scaling the image to cover that size leaves of its shorter side.
-    """
-    image = Image.open(io.BytesIO(data))
+
+class ImageTooLarge(ValueError):
+    """An image whose header gives more pixels than the limit (JPEGs: after draft-mode reduction)."""
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Image bytes -> a PIL image of which only the header has been read. An image that Pillow refuses as a
+    decompression bomb (over twice ``PIL.Image.MAX_IMAGE_PIXELS``) raises :class:`ImageTooLarge`."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:
+        raise ImageTooLarge(str(error)) from error
+
+
+def prepare_decode(
+    image: Image.Image, min_side: int | None = None, cover: Size | None = None, max_pixels: int | None = None
+) -> Image.Image:
+    """Set an opened image up for decoding, before any pixel is read: JPEGs in draft mode (see
+    :func:`decode_image`). Raises :class:`ImageTooLarge` when the image as it would then be decoded has more than
+    ``max_pixels`` pixels (None: no limit)."""
     if cover is not None:
         min_side = covering_side(*image.size, cover)
+    drafted = False
     if min_side is not None and image.format == "JPEG":
         width, height = image.size
         scale = min(width, height) / min_side
         if scale >= 2:
             # floor, not round: a size rounded up makes Pillow skip the reduction and decode at full size
             image.draft("RGB", (max(1, int(width / scale)), max(1, int(height / scale))))
+            drafted = True
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        how = " after draft-mode reduction" if drafted else ""
+        raise ImageTooLarge(f"{image.width} x {image.height} pixels{how}, above the limit of {max_pixels}")
+    return image
+
+
+def decode_image(
+    data: bytes, min_side: int | None = None, cover: Size | None = None, max_pixels: int | None = None
+) -> Image.Image:
+    """Decode image bytes (jpg, png, webp, ...) into an RGB PIL image.
+
+    With ``min_side``, JPEGs are decoded in draft mode at the smallest power-of-two reduction that
+    still leaves the shorter side at least ``min_side`` pixels (much faster for large photos, and
+    the resize that follows needs no more). ``cover`` (a bucket's (width, height)) sets ``min_side``
+    to what scaling the image to cover that size leaves of its shorter side. An image of more than
+    ``max_pixels`` pixels as decoded (so a large JPEG that draft mode reduces may pass) raises
+    :class:`ImageTooLarge` before any pixel is decoded.
+    """
+    image = prepare_decode(open_image(data), min_side, cover, max_pixels)
     image.load()
     if image.mode != "RGB":
         image = image.convert("RGBA").convert("RGB") if image.mode in ("P", "LA") else image.convert("RGB")
