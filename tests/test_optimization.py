@@ -9,7 +9,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from trainer.errors import ConfigError
 from trainer.tasks.compilation import compile_in_place, compile_options, forward_context
-from trainer.tasks.optimization import adamw_with_schedule, build_adamw, ema_multi_avg_fn
+from trainer.tasks.optimization import adamw_with_schedule, build_adamw, ema_multi_avg_fn, warmup_cosine
 
 
 def test_ema_follows_the_compvis_warmup_recursion() -> None:
@@ -96,3 +96,59 @@ def test_adamw_auto_falls_back_where_a_parameter_cannot_be_fused() -> None:
     assert build_adamw(params[:1], {}, lr=1e-3).defaults["fused"]
     with pytest.raises(ConfigError, match="task.optimizer.fused must be true, false or null"):
         build_adamw(params[:1], {"fused": "yes"}, lr=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"lr": -1}, "task.optimizer.lr must be positive, got -1.0"),
+        ({"lr": 0.0}, "task.optimizer.lr must be positive, got 0.0"),
+        ({"lr": float("inf")}, "task.optimizer.lr must be positive, got inf"),
+        ({"lr": "1e-4"}, "task.optimizer.lr must be a number, got '1e-4'"),
+        ({"betas": (0.9, 1.0)}, r"task.optimizer.betas must be two numbers in \[0, 1\)"),
+        ({"betas": (-0.1, 0.99)}, r"task.optimizer.betas must be two numbers in \[0, 1\)"),
+        ({"betas": (0.9,)}, r"task.optimizer.betas must be two numbers in \[0, 1\)"),
+        ({"eps": -1e-8}, "task.optimizer.eps must be >= 0, got -1e-08"),
+        ({"weight_decay": -0.1}, "task.optimizer.weight_decay must be >= 0, got -0.1"),
+    ],
+)
+def test_optimizer_values_adamw_cannot_take_are_config_errors_naming_the_key(settings: dict, message: str) -> None:
+    config = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, **settings}
+    param = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ConfigError, match=message):
+        adamw_with_schedule([param], config, {"warmup_steps": 0}, 10)  # CLIP's and the LDM's way
+    kwargs = {k: (tuple(v) if k == "betas" else v) for k, v in config.items()}
+    with pytest.raises(ConfigError, match=message):
+        build_adamw([param], {}, **kwargs)  # the autoencoder's
+    if "weight_decay" in settings:  # a per-group value too (CLIP's decay group)
+        with pytest.raises(ConfigError, match=message):
+            build_adamw([{"params": [param], "weight_decay": settings["weight_decay"]}], {}, lr=1e-3)
+
+
+def test_the_shipped_optimizer_settings_pass() -> None:
+    param = torch.nn.Parameter(torch.zeros(2))
+    build_adamw([param], {}, lr=4.5e-6, betas=(0.5, 0.9), weight_decay=0.0)  # the autoencoder's, no eps
+    build_adamw([param], {}, lr=torch.tensor(1e-3), betas=[0, 0.999], eps=0, weight_decay=0)
+    adamw_with_schedule([param], {"lr": 1, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.2}, {}, 5)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "message"),
+    [
+        ({"warmup_steps": -5}, "task.scheduler.warmup_steps must be a whole number >= 0, got -5"),
+        ({"warmup_steps": 2.5}, "task.scheduler.warmup_steps must be a whole number >= 0, got 2.5"),
+        ({"warmup_steps": None}, "task.scheduler.warmup_steps must be a whole number >= 0, got None"),
+        ({"total_steps": 7.5}, r"task.scheduler.total_steps must be a whole number >= 1 \(or trainer.max_steps"),
+        ({"min_lr_ratio": 1.5}, r"task.scheduler.min_lr_ratio must be in \[0, 1\] \(1: constant lr\), got 1.5"),
+        ({"min_lr_ratio": -0.1}, r"task.scheduler.min_lr_ratio must be in \[0, 1\]"),
+    ],
+)
+def test_schedule_values_that_cannot_work_are_config_errors_naming_the_key(schedule: dict, message: str) -> None:
+    config = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
+    with pytest.raises(ConfigError, match=message):
+        adamw_with_schedule([torch.nn.Parameter(torch.zeros(2))], config, schedule, 10)
+    with pytest.raises(ConfigError, match=message):  # the autoencoder builds its schedule with warmup_cosine itself
+        settings = {"warmup_steps": 0, "total_steps": 10, "min_lr_ratio": 0.0, **schedule}
+        warmup_cosine(settings["warmup_steps"], settings["total_steps"], settings["min_lr_ratio"])
+    # a warmup longer than a short run (debug=fast on a long config) is allowed
+    assert warmup_cosine(100, 2)(1) == 2 / 100

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -11,8 +12,53 @@ import torch
 from trainer.errors import ConfigError
 
 
+def _number(value: Any) -> float | None:
+    """``value`` as a float when it is a real number (a one-element tensor included; not a bool), else None."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def check_optimizer(lr: Any = None, betas: Any = None, eps: Any = None, weight_decay: Any = None) -> None:
+    """Raise :class:`ConfigError` naming the ``task.optimizer`` key of a value AdamW cannot work with (None: not
+    given): lr > 0, betas two numbers in [0, 1), eps >= 0, weight_decay >= 0, each finite."""
+    checks = {"lr": (lr, "must be positive", lambda v: v > 0), "eps": (eps, "must be >= 0", lambda v: v >= 0)}
+    checks["weight_decay"] = (weight_decay, "must be >= 0", lambda v: v >= 0)
+    for key, (value, rule, good) in checks.items():
+        if value is None:
+            continue
+        number = _number(value)
+        if number is None:
+            raise ConfigError(f"task.optimizer.{key} must be a number, got {value!r}")
+        if not math.isfinite(number) or not good(number):
+            raise ConfigError(f"task.optimizer.{key} {rule}, got {number}")
+    if betas is not None:
+        pair = list(betas) if isinstance(betas, Iterable) and not isinstance(betas, str) else None
+        values = [_number(b) for b in pair] if pair is not None else []
+        if len(values) != 2 or any(b is None or not 0 <= b < 1 for b in values):
+            raise ConfigError(f"task.optimizer.betas must be two numbers in [0, 1), like [0.9, 0.999], got {betas!r}")
+
+
+def check_schedule(warmup_steps: Any, total_steps: Any, min_lr_ratio: Any) -> None:
+    """Raise :class:`ConfigError` naming the ``task.scheduler`` key of a value the schedule cannot work with:
+    warmup_steps a whole number >= 0, total_steps (what the run's max_steps gives when null) a whole number >= 1,
+    min_lr_ratio in [0, 1]. A warmup longer than the schedule is allowed (a short debug run of a long config)."""
+    for key, value, least in (("warmup_steps", warmup_steps, 0), ("total_steps", total_steps, 1)):
+        number = _number(value)
+        if number is None or number != int(number) or number < least:
+            hint = " (or trainer.max_steps > 0 when it is null)" if key == "total_steps" else ""
+            raise ConfigError(f"task.scheduler.{key} must be a whole number >= {least}{hint}, got {value!r}")
+    ratio = _number(min_lr_ratio)
+    if ratio is None or not 0 <= ratio <= 1:
+        raise ConfigError(f"task.scheduler.min_lr_ratio must be in [0, 1] (1: constant lr), got {min_lr_ratio!r}")
+
+
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
-    """LR multiplier: linear warmup from ~0 to 1, then cosine decay to ``min_lr_ratio`` (1: constant)."""
+    """LR multiplier: linear warmup from ~0 to 1, then cosine decay to ``min_lr_ratio`` (1: constant). The
+    values are checked by :func:`check_schedule`."""
+    check_schedule(warmup_steps, total_steps, min_lr_ratio)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -33,6 +79,10 @@ def build_adamw(params: Iterable[Any], optimizer: Mapping[str, Any], **kwargs: A
     as much as a tenth of a training step (docs/benchmarks.md). Call it once the parameters are on their device,
     as Lightning's ``configure_optimizers`` is."""
     params = [{**group, "params": list(group["params"])} if isinstance(group, dict) else group for group in params]
+    for settings in (kwargs, *(group for group in params if isinstance(group, dict))):  # per-group values too
+        check_optimizer(**{key: settings[key] for key in ("lr", "betas", "eps", "weight_decay") if key in settings})
+    if "betas" in kwargs and not any(isinstance(b, torch.Tensor) for b in kwargs["betas"]):
+        kwargs["betas"] = tuple(float(b) for b in kwargs["betas"])  # torch refuses [0, 0.99]: an int and a float
     fused = optimizer.get("fused")
     if fused is None:
         tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
