@@ -309,7 +309,7 @@ def test_the_cli_refuses_a_live_run_folder_and_cleans_a_dead_run_s_temporaries(t
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    result = cli(run, shards, "trainer.max_steps=2")
+    result = cli(run, shards, "trainer.max_steps=2", "logger=none")  # logger=none: no LearningRateMonitor
     assert result.returncode == 0, result.stderr[-3000:]
     assert not orphan.exists() and "left by a write that was killed" in result.stdout + result.stderr
 
@@ -344,20 +344,20 @@ def test_resume_picks_the_highest_step_not_the_newest_file(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize(
-    ("experiment", "model", "expected"),
+    ("experiment", "overrides", "expected"),
     [
-        ("shapes_clip", "model=clip/tiny", "data.val_image_size=64, but the CLIP image tower"),
-        ("shapes_autoencoder", "model=autoencoder/tiny_f4", "data.image_size=63 is not a multiple of 4"),
+        ("shapes_clip", ["model=clip/tiny", "data.image_size=63", "data.val_image_size=64"], "data.val_image_size=64, but"),
+        ("shapes_autoencoder", ["model=autoencoder/tiny_f4", "data.image_size=63"], "data.image_size=63 is not a multiple of 4"),
+        ("shapes_clip", ["task.optimizer.lr=-1"], "task.optimizer.lr must be positive, got -1"),
     ],
-)
-def test_a_wrong_image_size_stops_before_any_data_is_written(
-    tmp_path: Path, experiment: str, model: str, expected: str
+)  # fmt: skip
+def test_a_wrong_value_stops_before_any_data_is_written(
+    tmp_path: Path, experiment: str, overrides: list[str], expected: str
 ) -> None:
     shapes = tmp_path / "shapes"
     result = subprocess.run(
-        [sys.executable, "-m", "trainer.train", f"experiment={experiment}", model, "debug=fast"]
-        + ["data.image_size=63", "data.val_image_size=64", f"data.prepare.out_dir={shapes}"]
-        + [f"hydra.run.dir={tmp_path / 'run'}"],
+        [sys.executable, "-m", "trainer.train", f"experiment={experiment}", "debug=fast", *overrides]
+        + [f"data.prepare.out_dir={shapes}", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -365,7 +365,7 @@ def test_a_wrong_image_size_stops_before_any_data_is_written(
     )
     line = one_line_error(result)
     assert expected in line
-    assert not shapes.exists()  # the shared shapes shards were not rewritten at 63 px
+    assert not shapes.exists()  # the shared shapes shards were not (re)written
 
 
 def test_unquoted_brace_patterns_get_a_message_before_hydra_parses_them(tmp_path: Path) -> None:

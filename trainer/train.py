@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 
+from trainer.callbacks.learning_rate import ConfiguredLearningRate
 from trainer.callbacks.preemption import Preemption
 from trainer.callbacks.resume import ExactResume
 from trainer.checkpoints import (
@@ -37,6 +38,7 @@ from trainer.errors import CheckpointError, ConfigError, UserError
 from trainer.loggers import continue_logs
 from trainer.run_lock import RunLock
 from trainer.strategies import check_strategy
+from trainer.tasks.optimization import check_optimizer
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -158,13 +160,18 @@ def _train(cfg: DictConfig, output_dir: Path, is_first_process: bool) -> dict[st
     _wandb_ids(cfg, output_dir)
     if is_first_process:
         atomic_write_bytes(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+    optimizer = cfg.task.get("optimizer") or {}
+    check_optimizer(**{key: optimizer.get(key) for key in ("lr", "betas", "eps", "weight_decay")})  # before any data
     task = instantiate(cfg.task)
     check_image_sizes(task, cfg.data)
     datamodule = instantiate(cfg.data, tokenizer=data_tokenizer(task))
-    callbacks = [*_instantiate_group(cfg.callbacks), ExactResume(seed)]
+    loggers = _instantiate_group(cfg.logger)
+    # every run: exact resume, and on resume the configured learning rate over the checkpoint's
+    callbacks = [*_instantiate_group(cfg.callbacks), ExactResume(seed), ConfiguredLearningRate()]
+    if not loggers:  # logger=none: Lightning refuses a LearningRateMonitor without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg.pop("plugins", None)
-    loggers = _instantiate_group(cfg.logger)
     continue_logs(loggers, start_step)  # a resumed run continues its history; a fresh one starts it anew
     trainer: pl.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=_plugins(cfg))
     check_strategy(task, trainer.strategy)
