@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from conftest import REPO, training_cli, write_shards
+from trainer.checkpoint_io import AtomicCheckpointIO
 from trainer.checkpoints import (
-    AtomicCheckpointIO,
     atomic_torch_save,
     find_resume_checkpoint,
     read_weights,
@@ -430,6 +430,24 @@ def test_the_surviving_ddp_rank_says_which_rank_died_in_one_line(tmp_path: Path,
     )
     line = one_line_error(result)
     assert "rank 0 of 2 stopped: local rank 1 (killed by SIGKILL)" in line
+
+
+def test_the_library_imports_neither_lightning_nor_hydra(tmp_path: Path) -> None:
+    """ARCHITECTURE.md's principle 3, in a fresh interpreter: importing the library, and reading weights with it."""
+    code = (
+        "import sys, torch, trainer.models.unet, trainer.models.autoencoder, trainer.models.clip, "
+        "trainer.models.lpips, trainer.diffusion.samplers, trainer.data.pipeline, trainer.data.shards, "
+        "trainer.checkpoints, trainer.generate\n"
+        "from trainer.checkpoints import torch_load, atomic_torch_save\n"
+        "atomic_torch_save({'w': torch.zeros(2)}, sys.argv[1]); torch_load(sys.argv[1])\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in "
+        "('lightning', 'lightning_fabric', 'pytorch_lightning', 'hydra', 'omegaconf')}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "weights.pt")], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
 
 
 def test_the_documented_brace_patterns_reach_hydra_quoted() -> None:

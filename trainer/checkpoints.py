@@ -296,29 +296,6 @@ def is_disk_full(error: BaseException | None) -> bool:
     return False
 
 
-def _checkpoint_io_base():
-    from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-
-    return TorchCheckpointIO
-
-
-class AtomicCheckpointIO(_checkpoint_io_base()):
-    """Lightning's checkpoint IO with atomic local writes (see :func:`atomic_torch_save`); remote URLs
-    (``s3://`` ...) go through Lightning's own writer."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        if is_url(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
-
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        """Every checkpoint, local or remote, is read with ``weights_only=True``: Lightning's own loader unpickles
-        URLs with ``weights_only=False``, which runs whatever code the file holds. ``weights_only`` is ignored."""
-        return torch_load(path, map_location=map_location if map_location is not None else "cpu")
-
-
 def checkpoint_step(path: str | os.PathLike) -> tuple[int | None, str]:
     """The global step of a Lightning training checkpoint, read cheaply; (None, why) when it is unusable.
     Reading is memory-mapped, so this costs little even for a checkpoint of many GB: a truncated file fails

@@ -25,8 +25,8 @@ from pytorch_lightning.utilities import rank_zero_only
 from trainer.callbacks.learning_rate import ConfiguredLearningRate
 from trainer.callbacks.preemption import Preemption
 from trainer.callbacks.resume import ExactResume
+from trainer.checkpoint_io import AtomicCheckpointIO
 from trainer.checkpoints import (
-    AtomicCheckpointIO,
     atomic_write_bytes,
     checkpoint_step,
     find_resume_checkpoint,
