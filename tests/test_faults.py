@@ -282,6 +282,9 @@ def test_a_requeued_slurm_job_takes_over_its_predecessor_s_stale_lock(
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     holder = hold_lock(folder)  # stands for a lock a dead node left on a shared filesystem
     try:
+        with pytest.raises(RunFolderInUseError, match="SLURM job 4242"):  # the same attempt: another srun step
+            RunLock(folder).acquire()
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the requeued attempt
         start = time.monotonic()
         lock = RunLock(folder, takeover_wait=1.5).acquire()
         assert time.monotonic() - start >= 1.5
@@ -465,3 +468,19 @@ def test_the_documented_brace_patterns_reach_hydra_quoted() -> None:
                     assert check_brace_overrides(shlex.split(command, comments=True)) is None, command
                     checked += 1
     assert checked >= 10
+
+
+def test_a_fresh_start_in_a_folder_with_checkpoints_is_refused(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from trainer.errors import ConfigError
+    from trainer.train import resume_checkpoint
+
+    cfg = OmegaConf.create({"ckpt_path": None, "resume": "never", "paths": {"checkpoint_dir": str(tmp_path)}})
+    assert resume_checkpoint(cfg) == (None, 0)
+    atomic_torch_save({"state_dict": {}, "global_step": 10000}, tmp_path / "step00010000.ckpt")
+    # a requeue of the fresh run (resume=auto) would otherwise pick the earlier run's step 10000
+    with pytest.raises(ConfigError, match="holds an earlier run's checkpoints .*step00010000.ckpt"):
+        resume_checkpoint(cfg)
+    cfg.resume = "auto"
+    assert resume_checkpoint(cfg) == (str(tmp_path / "step00010000.ckpt"), 10000)

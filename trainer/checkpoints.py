@@ -72,12 +72,16 @@ def torch_load(source: str | os.PathLike, map_location: Any = "cpu", mmap: bool 
         if is_url(name):
             import io
 
-            return torch.load(io.BytesIO(_read_remote(name)), map_location=map_location, weights_only=True)
+            try:
+                data = _read_remote(name)
+            except Exception as error:  # noqa: BLE001 - any reason the fetch failed: HTTP, DNS, a missing fsspec backend
+                raise CheckpointError(f"{what} {name} cannot be fetched ({_first_line(error)})") from None
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
         path = Path(name.removeprefix("file://"))
         if not path.is_file():
             raise MissingFileError(f"{what} {path} does not exist")
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except MissingFileError:
+    except (MissingFileError, CheckpointError):
         raise
     except pickle.UnpicklingError as error:
         text = str(error)
@@ -272,7 +276,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:
-        if is_disk_full(error):
+        if disk_full_error(error) is not None:
             raise DiskFullError(
                 f"no space left on device writing {path}; the previous checkpoints are intact: free space on that "
                 "disk or move the run (paths.output_dir, hydra.run.dir), then resume with the same command"
@@ -284,16 +288,16 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def is_disk_full(error: BaseException | None) -> bool:
-    """Whether ``error``, or an error it was raised from or during, is a write that failed for lack of space
-    (torch's zip writer raises a RuntimeError "unexpected pos" while handling the OSError ENOSPC)."""
+def disk_full_error(error: BaseException | None) -> OSError | None:
+    """The OSError behind ``error`` (itself, or one it was raised from or during) of a write that failed for lack of
+    space, or None (torch's zip writer raises a RuntimeError "unexpected pos" while handling the OSError ENOSPC)."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
+            return error
         error = error.__cause__ or error.__context__
-    return False
+    return None
 
 
 def checkpoint_step(path: str | os.PathLike) -> tuple[int | None, str]:

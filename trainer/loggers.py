@@ -5,15 +5,15 @@ preemption or a crash (``resume=auto``) lost everything logged before. TensorBoa
 the steps logged after the checkpoint and before the kill then appear twice. Here a run that starts from step
 ``N`` keeps the history logged before step ``N`` and drops what the interrupted run logged from step ``N`` on
 (those steps are trained, and logged, again), so the dashboards show one continuous run. :func:`continue_logs`
-tells each logger the step; :func:`trainer.train.train` calls it with the step of the checkpoint it resumes
-from (0 for a fresh run, which starts a fresh history). wandb continues its run by id (``<run>/wandb_id``).
+tells each logger the step before it writes; :func:`trainer.train.train` calls it with the step of the checkpoint
+it resumes from (0 for a fresh run, which starts a fresh history). Told nothing (a resume from a URL, whose step is
+not known before it is fetched), the CSV logger keeps the whole file and appends. wandb continues its run by id (``<run>/wandb_id``).
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,7 +28,7 @@ class ContinuingExperimentWriter(ExperimentWriter):
     """Lightning's CSV writer, but an existing ``metrics.csv`` is kept up to ``start_step`` (exclusive) and the
     new rows are appended after it; the file is rewritten once, atomically, with the kept rows."""
 
-    def __init__(self, log_dir: str, start_step: int = 0) -> None:
+    def __init__(self, log_dir: str, start_step: int | None = None) -> None:
         self.start_step = start_step
         super().__init__(log_dir)
 
@@ -38,7 +38,8 @@ class ContinuingExperimentWriter(ExperimentWriter):
             return
         with self._fs.open(self.metrics_file_path, "r", newline="") as file:
             rows = list(csv.DictReader(file))
-        self._kept = [row for row in rows if _step(row) is not None and _step(row) < self.start_step]
+        limit = float("inf") if self.start_step is None else self.start_step  # None: keep every row
+        self._kept = [row for row in rows if _step(row) is not None and _step(row) < limit]
         dropped = len(rows) - len(self._kept)
         if self._kept:
             log.info(
@@ -60,7 +61,7 @@ class ContinuingExperimentWriter(ExperimentWriter):
             writer = csv.DictWriter(file, fieldnames=keys)
             writer.writeheader()
             writer.writerows(self._kept)
-        os.replace(tmp, self.metrics_file_path)  # a kill while rewriting leaves the old file, not a partial one
+        self._fs.mv(tmp, self.metrics_file_path)  # a kill while rewriting leaves the old file, not a partial one
 
 
 def _step(row: dict[str, str]) -> int | None:
@@ -75,7 +76,7 @@ class CSVLogger(LightningCSVLogger):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.start_step = 0
+        self.start_step: int | None = None
 
     def continue_from(self, step: int) -> None:
         if self._experiment is not None:

@@ -7,9 +7,10 @@ first process of a run (global rank 0; the other ranks train under it) takes an 
 it dies, so a requeued SLURM job or a run resumed after a crash takes the folder over by itself. The file
 records who holds it (host, pid, SLURM job, start time), for the message a second run stops with.
 
-On a shared filesystem whose locks outlive a dead node (some NFS setups), a requeued job of the same SLURM job id
-waits ``takeover_wait`` seconds for the stale lock and then goes on without it, with a warning: SLURM runs one
-instance of a job at a time, so its predecessor is dead.
+On a shared filesystem whose locks outlive a dead node (some NFS setups), a requeued job (the same SLURM job id, a
+higher ``SLURM_RESTART_COUNT``) waits ``takeover_wait`` seconds for the stale lock and then goes on without it, with
+a warning: SLURM runs one attempt of a job at a time, so its predecessor is dead. Two runs of one attempt (two
+``srun`` steps in one allocation) are refused like any others.
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ def slurm_job() -> str | None:
     return f"{job}_{task}" if job and task and "SLURM_ARRAY_JOB_ID" in os.environ else job
 
 
+def _restart_count() -> int:
+    """How many times SLURM has requeued this job (0 for its first attempt, and outside SLURM)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
 class RunLock:
     """``with RunLock(folder): ...`` holds the folder's lock; :meth:`acquire` / :meth:`release` do the same."""
 
@@ -61,6 +70,7 @@ class RunLock:
         self.path = Path(folder) / LOCK_NAME
         self.takeover_wait = takeover_wait
         self._fd: int | None = None
+        self.held = False  # the lock is ours (False where the filesystem has none, or a stale one was passed over)
 
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +79,7 @@ class RunLock:
         while not self._try_lock(fd):
             holder = _holder(self.path)
             job = slurm_job()
-            if not job or holder.get("slurm_job") != job:
+            if not job or holder.get("slurm_job") != job or holder.get("restart", 0) >= _restart_count():
                 os.close(fd)
                 raise RunFolderInUseError(
                     f"run folder {self.path.parent} is in use by another live run ({_describe(holder)}): stop "
@@ -91,6 +101,7 @@ class RunLock:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "slurm_job": slurm_job(),
+            "restart": _restart_count(),
             "started": datetime.now().isoformat(timespec="seconds"),
         }
         os.ftruncate(fd, 0)
@@ -106,12 +117,15 @@ class RunLock:
             return False
         except OSError as error:  # no locks on this filesystem (some network filesystems)
             log.warning("run folder %s: cannot lock %s (%s); going on without it", self.path.parent, self.path, error)
+            return True
+        self.held = True
         return True
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+        self.held = False
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -29,14 +29,14 @@ from trainer.checkpoint_io import AtomicCheckpointIO
 from trainer.checkpoints import (
     atomic_write_bytes,
     checkpoint_step,
+    disk_full_error,
     find_resume_checkpoint,
-    is_disk_full,
     is_url,
     remove_orphaned_temporaries,
 )
 from trainer.errors import CheckpointError, ConfigError, UserError
 from trainer.loggers import continue_logs
-from trainer.run_lock import RunLock
+from trainer.run_lock import RunLock, slurm_job
 from trainer.strategies import check_strategy
 from trainer.tasks.optimization import check_optimizer
 
@@ -54,31 +54,34 @@ def _instantiate_group(group: DictConfig | None) -> list:
 def run_id() -> str:
     """The name of a run's folder: ``slurm-<job id>`` under SLURM (the same folder again when the job is
     requeued, which is how a preempted job finds its checkpoint), else the start date and time."""
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-    if job:
-        task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        return f"slurm-{job}_{task}" if task and "SLURM_ARRAY_JOB_ID" in os.environ else f"slurm-{job}"
-    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    job = slurm_job()
+    return f"slurm-{job}" if job else datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
 if not OmegaConf.has_resolver("run_id"):
     OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
 
 
-def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, int]:
+def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, int | None]:
     """(checkpoint, its global step): ``ckpt_path`` when given (a local file is checked first, cheaply); with
     ``resume=auto``, the complete checkpoint of this run's folder with the highest step; (None, 0) for a fresh
-    start. A URL is read when training starts; its step is not known before (0)."""
+    start. A URL is read when training starts: its step is not known before (None)."""
     if cfg.ckpt_path:
         path = str(cfg.ckpt_path)
         if is_url(path):
-            return path, 0
+            return path, None
         step, why = checkpoint_step(path)
         if step is None:
             raise CheckpointError(f"ckpt_path: {why}" if "does not exist" in why else f"ckpt_path={path}: {why}")
         return path, step
     resume = cfg.get("resume", "auto")
     if resume in (None, False, "never"):
+        earlier = find_resume_checkpoint(cfg.paths.checkpoint_dir)
+        if earlier is not None:  # a later resume=auto (a requeue) would pick the earlier run's higher steps
+            raise ConfigError(
+                f"resume=never, but {cfg.paths.checkpoint_dir} holds an earlier run's checkpoints (up to "
+                f"{earlier.name}): start the fresh run in a folder of its own (another hydra.run.dir), or move them"
+            )
         return None, 0
     if resume != "auto":
         raise ConfigError(f"resume must be 'auto' or 'never', got {resume!r}; a file to resume from goes in ckpt_path")
@@ -143,15 +146,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if lock is not None:
         lock.acquire()
     try:
-        return _train(cfg, output_dir, is_first_process=lock is not None)
+        return _train(cfg, output_dir, is_first_process=lock is not None, folder_is_ours=bool(lock and lock.held))
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: DictConfig, output_dir: Path, is_first_process: bool) -> dict[str, float]:
+def _train(cfg: DictConfig, output_dir: Path, is_first_process: bool, folder_is_ours: bool) -> dict[str, float]:
     seed = pl.seed_everything(cfg.seed, workers=True)
-    if is_first_process:  # no live process writes here (the lock): a temporary file is a killed write's
+    if folder_is_ours:  # no live process writes here (the lock): a temporary file is a killed write's
         for orphan in remove_orphaned_temporaries(output_dir / "checkpoints") + remove_orphaned_temporaries(
             output_dir / "export"
         ):
@@ -166,13 +169,14 @@ def _train(cfg: DictConfig, output_dir: Path, is_first_process: bool) -> dict[st
     check_image_sizes(task, cfg.data)
     datamodule = instantiate(cfg.data, tokenizer=data_tokenizer(task))
     loggers = _instantiate_group(cfg.logger)
+    if start_step is not None:  # a resumed run continues its history, a fresh one starts it anew
+        continue_logs(loggers, start_step)
     # every run: exact resume, and on resume the configured learning rate over the checkpoint's
     callbacks = [*_instantiate_group(cfg.callbacks), ExactResume(seed), ConfiguredLearningRate()]
     if not loggers:  # logger=none: Lightning refuses a LearningRateMonitor without a logger
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg.pop("plugins", None)
-    continue_logs(loggers, start_step)  # a resumed run continues its history; a fresh one starts it anew
     trainer: pl.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=_plugins(cfg))
     check_strategy(task, trainer.strategy)
     try:
@@ -211,23 +215,29 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken p
 
 def _peer_failure(error: BaseException, trainer: pl.Trainer) -> PeerFailureError | None:
     """One line for a rank whose collective failed because another rank died, instead of gloo's traceback."""
+    import subprocess
+
     import torch.distributed as dist
 
-    text = f"{type(error).__name__}: {error}"
-    if trainer.world_size < 2 or not (
-        isinstance(error, dist.DistError) or any(marker in text for marker in _PEER_GONE)
-    ):
+    if trainer.world_size < 2 or isinstance(error, UserError) or not isinstance(error, (RuntimeError, dist.DistError)):
         return None
     rank = trainer.global_rank
     dead = []
-    # the processes of local ranks 1, 2, ... that rank 0 started (Lightning's subprocess launcher)
+    # the processes of local ranks 1, 2, ... that rank 0 started (Lightning's subprocess launcher); a killed one
+    # closes its sockets an instant before it can be reaped
     for local_rank, process in enumerate(getattr(trainer.strategy.launcher, "procs", None) or [], start=1):
-        code = process.poll()
+        try:
+            code = process.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            code = None
         if code is not None:
             how = f"killed by {signal_name(-code)}" if code < 0 else f"exit code {code}"
+            how += ", often the kernel's out-of-memory killer" if code == -9 else ""
             dead.append(f"local rank {local_rank} ({how})")
     if rank != 0 and os.getppid() == 1:
         dead.append("rank 0 (the process that started this one)")
+    if not dead and not any(marker in str(error) for marker in _PEER_GONE):
+        return None  # a timeout or desync, not a death: its own traceback says more
     which = ", ".join(dead) if dead else "another rank"
     first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
     return PeerFailureError(
@@ -310,22 +320,13 @@ def _user_message(error: BaseException) -> str | None:
     user_error = _user_error(error)
     if user_error is not None:
         return str(user_error)
-    if is_disk_full(error):
-        where = _disk_full_path(error)
+    full = disk_full_error(error)
+    if full is not None:
+        where = full.filename
         return (
             f"no space left on device{f' writing {where}' if where else ''}: free space there or move the run "
             "(paths.output_dir, paths.root_dir or hydra.run.dir), then resume with the same command"
         )
-    return None
-
-
-def _disk_full_path(error: BaseException | None) -> str | None:
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.filename:
-            return str(error.filename)
-        error = error.__cause__ or error.__context__
     return None
 
 

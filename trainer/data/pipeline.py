@@ -440,8 +440,10 @@ class ShardDataset(IterableDataset):
             return faults.skip("bad_json", url, key, error)
         try:
             caption = self._caption(sample, meta)
-        except UnicodeDecodeError as error:  # skipped even where captions are optional: the sample is corrupt
-            return faults.skip("bad_caption", url, key, error)
+        except UnicodeDecodeError as error:
+            if self.require_caption:
+                return faults.skip("bad_caption", url, key, error)
+            caption = ""  # a stage that needs no captions (the autoencoder) keeps the image
         if not caption:
             if self.require_caption:
                 return faults.skip("missing_caption", url, key)
