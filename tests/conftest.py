@@ -42,6 +42,7 @@ def training_cli(run_dir: Path, shards: Path, experiment: str, *overrides: str) 
     8 steps of batch 4 at 32 px, validation every 3 steps, a checkpoint every 4; tests/ on PYTHONPATH, so that
     ``+callbacks.x._target_=faults.KillAtStep`` and the like load."""
     tests = str(Path(__file__).resolve().parent)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
         [

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageFile
 
-from conftest import write_shards
+from conftest import training_cli, write_shards
 from trainer.data import Buckets, ImageTransform, SampleFilter, ShardDataset, ShardLoader
 from trainer.errors import DataError
 
@@ -320,27 +317,7 @@ def test_a_rank_whose_data_yields_nothing_stops_every_rank(tmp_path: Path) -> No
 @pytest.mark.timeout(300)
 def test_the_cli_stops_at_once_with_one_line_when_the_caption_key_is_wrong(tmp_path: Path, shards: Path) -> None:
     run_dir = tmp_path / "outputs" / "run"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trainer.train",
-            "experiment=shapes_clip",
-            "debug=fast",
-            "data.prepare=null",
-            "data.image_size=32",
-            f"data.train.urls={shards}/train.manifest.json",
-            f"data.val.urls={shards}/val.manifest.json",
-            f"hydra.run.dir={run_dir}",
-            "data.caption_key=json:nope",
-            "trainer.max_epochs=-1",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])},
-    )
+    result = training_cli(run_dir, shards, "shapes_clip", "data.caption_key=json:nope", "data.batch_size=8")
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: data.train: epoch 0 of rank 0 yielded no sample: 40 of 40 samples skipped"), last

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import write_shards
+from conftest import training_cli, write_shards
 from trainer.callbacks.checkpoint import GuardedCheckpoint
 from trainer.callbacks.learning_rate import ConfiguredLearningRate
 from trainer.callbacks.nan_guard import NonFiniteGuard
@@ -400,30 +398,14 @@ def test_the_cli_resumes_with_a_lower_lr_given_on_the_command_line(tmp_path: Pat
     write_shards(shards, "val", 8, 4, seed=1)
     run_dir = tmp_path / "run"
 
-    def train(*overrides: str) -> subprocess.CompletedProcess:
-        tests = str(Path(__file__).resolve().parent)
-        return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "trainer.train",
-                "experiment=shapes_clip",  # lr 1e-3, warmup 50 steps
-                "debug=fast",
-                "data.prepare=null",
-                "data.image_size=32",
-                "task.export=false",
-                f"data.train.urls={shards}/train.manifest.json",
-                f"data.val.urls={shards}/val.manifest.json",
-                f"hydra.run.dir={run_dir}",
-                "trainer.max_epochs=-1",
-                "callbacks.checkpoint.every_n_train_steps=3",
-                *overrides,
-            ],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])},
+    def train(*overrides: str) -> subprocess.CompletedProcess:  # shapes_clip: lr 1e-3, warmup 50 steps
+        return training_cli(
+            run_dir,
+            shards,
+            "shapes_clip",
+            "task.export=false",
+            "callbacks.checkpoint.every_n_train_steps=3",
+            *overrides,
         )
 
     first = train("trainer.max_steps=3")
