@@ -28,9 +28,9 @@ from trainer.checkpoints import (
     remove_orphaned_temporaries,
     torch_load,
 )
+from trainer.cli_errors import check_brace_overrides, user_message
 from trainer.errors import CheckpointError, DiskFullError
 from trainer.run_lock import RunFolderInUseError, RunLock
-from trainer.train import _user_message, check_brace_overrides
 
 
 class Payload:
@@ -400,8 +400,8 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path: Path, monkeypatch: py
     assert list(tmp_path.iterdir()) == []  # no partial file left
     error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
     error.__context__ = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.csv"))
-    assert _user_message(error).startswith(f"no space left on device writing {tmp_path / 'metrics.csv'}")
-    assert _user_message(RuntimeError("something else")) is None
+    assert user_message(error).startswith(f"no space left on device writing {tmp_path / 'metrics.csv'}")
+    assert user_message(RuntimeError("something else")) is None
 
 
 @pytest.mark.slow

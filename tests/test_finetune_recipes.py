@@ -239,12 +239,12 @@ def test_inputs_that_cannot_be_trained_on_fail_clearly(tmp_path: Path) -> None:
 def test_the_entry_point_reports_a_bad_folder_as_a_user_error(tmp_path: Path) -> None:
     """Raised in the datamodule's constructor (wrapped by Hydra) or in prepare_data (inside fit): either way
     main() finds the UserError and prints it as one line."""
-    from trainer.train import _user_error
+    from trainer.cli_errors import user_error
 
     common = ["experiment=finetune_autoencoder", "base=null", "model=autoencoder/tiny_f4", *FAST]
     with pytest.raises(Exception) as raised:
         train(compose_run(tmp_path, "a", [*common, f"data.images={tmp_path / 'nope'}"]))
-    assert isinstance(_user_error(raised.value), MissingFileError)
+    assert isinstance(user_error(raised.value), MissingFileError)
     images = write_folder(tmp_path / "pics", ["astronaut", "coins"], max_side=32)
     (images / "coins.txt").unlink()
     with pytest.raises(ConfigError, match=r"1 of 2 images .* no caption \(coins.png\)"):

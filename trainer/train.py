@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import uuid
 from datetime import datetime
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning_fabric.plugins import CheckpointIO, ClusterEnvironment
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -29,12 +27,12 @@ from trainer.checkpoint_io import AtomicCheckpointIO
 from trainer.checkpoints import (
     atomic_write_bytes,
     checkpoint_step,
-    disk_full_error,
     find_resume_checkpoint,
     is_url,
     remove_orphaned_temporaries,
 )
-from trainer.errors import CheckpointError, ConfigError, UserError
+from trainer.cli_errors import check_brace_overrides, peer_failure, user_message
+from trainer.errors import CheckpointError, ConfigError
 from trainer.loggers import continue_logs
 from trainer.run_lock import RunLock, slurm_job
 from trainer.strategies import check_strategy
@@ -182,7 +180,7 @@ def _train(cfg: DictConfig, output_dir: Path, is_first_process: bool, folder_is_
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     except Exception as error:
-        failure = _peer_failure(error, trainer)
+        failure = peer_failure(error, trainer)
         if failure is not None:
             raise failure from error
         raise
@@ -205,93 +203,6 @@ def _link_latest(output_dir: Path) -> None:
     tmp.replace(link)  # atomic: readers see the old or the new run, never none
 
 
-class PeerFailureError(UserError, RuntimeError):
-    """Another process of a multi-process run stopped, and a collective of this one failed with it."""
-
-
-# What gloo and NCCL say when the process at the other end of a collective is gone
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
-
-
-def _peer_failure(error: BaseException, trainer: pl.Trainer) -> PeerFailureError | None:
-    """One line for a rank whose collective failed because another rank died, instead of gloo's traceback."""
-    import subprocess
-
-    import torch.distributed as dist
-
-    if trainer.world_size < 2 or isinstance(error, UserError) or not isinstance(error, (RuntimeError, dist.DistError)):
-        return None
-    rank = trainer.global_rank
-    dead = []
-    # the processes of local ranks 1, 2, ... that rank 0 started (Lightning's subprocess launcher); a killed one
-    # closes its sockets an instant before it can be reaped
-    for local_rank, process in enumerate(getattr(trainer.strategy.launcher, "procs", None) or [], start=1):
-        try:
-            code = process.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            code = None
-        if code is not None:
-            how = f"killed by {signal_name(-code)}" if code < 0 else f"exit code {code}"
-            how += ", often the kernel's out-of-memory killer" if code == -9 else ""
-            dead.append(f"local rank {local_rank} ({how})")
-    if rank != 0 and os.getppid() == 1:
-        dead.append("rank 0 (the process that started this one)")
-    if not dead and not any(marker in str(error) for marker in _PEER_GONE):
-        return None  # a timeout or desync, not a death: its own traceback says more
-    which = ", ".join(dead) if dead else "another rank"
-    first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-    return PeerFailureError(
-        f"rank {rank} of {trainer.world_size} stopped: {which} of this run died, and the collective it was in "
-        f"failed ({type(error).__name__}: {first}); that rank's own output says why it died. Resume with the same "
-        "command: resume=auto continues from the last checkpoint"
-    )
-
-
-def signal_name(number: int) -> str:
-    import signal
-
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-# An override's value holding a brace range, unquoted for Hydra: {0..9}, {000..099}
-_BRACE_RANGE = re.compile(r"\{\d+\.\.\d+\}")
-
-
-def check_brace_overrides(argv: list[str]) -> str | None:
-    """The message for an override whose value has a brace pattern outside quotes, which Hydra's parser reads as
-    the start of a dictionary and rejects with a grammar error (or, expanded by the shell, as several values of one
-    key, of which it silently keeps the last); None when every override is fine."""
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key.startswith("-"):
-            continue
-        unquoted = re.sub(r"'[^']*'|\"[^\"]*\"", "", value)  # what Hydra parses outside quoted strings
-        if not _BRACE_RANGE.search(unquoted):
-            continue
-        if value.startswith(("[", "{")):
-            example = "[{urls: 'a/{000..099}.tar', weight: 3}]"
-            return (
-                f"the override {key}= holds a brace pattern outside quotes, which Hydra reads as a dictionary: "
-                f'quote each pattern inside it for Hydra, e.g. {key}="{example}"'
-            )
-        return (
-            f"the override {arg!r} holds a brace pattern, which Hydra reads as a dictionary: quote the value for "
-            f"Hydra inside the shell's quotes, e.g. {key}=\"'{value}'\""
-        )
-    keys = [a.partition("=")[0] for a in argv if "=" in a and not a.startswith("-")]
-    for key in dict.fromkeys(keys):
-        if keys.count(key) > 1 and key.endswith("urls"):
-            return (
-                f"{key} is given {keys.count(key)} times: the shell expanded an unquoted brace pattern into one "
-                f"argument per shard; quote it for the shell and for Hydra, e.g. "
-                f"{key}=\"'/data/shards/{{00000..00099}}.tar'\""
-            )
-    return None
-
-
 def main() -> None:
     """The console entry point: overrides Hydra cannot parse get one line here, then Hydra runs the job."""
     problem = check_brace_overrides(sys.argv[1:])
@@ -307,35 +218,11 @@ def _hydra_main(cfg: DictConfig) -> None:
         train(cfg)
     except Exception as error:
         # Input or configuration that cannot work: one clear line, no stack trace.
-        message = _user_message(error)
+        message = user_message(error)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-
-
-def _user_message(error: BaseException) -> str | None:
-    """One line for an error the user can act on: a :class:`UserError` (itself, or the cause of Hydra's
-    InstantiationException around a constructor's error), or a write that found the disk full."""
-    user_error = _user_error(error)
-    if user_error is not None:
-        return str(user_error)
-    full = disk_full_error(error)
-    if full is not None:
-        where = full.filename
-        return (
-            f"no space left on device{f' writing {where}' if where else ''}: free space there or move the run "
-            "(paths.output_dir, paths.root_dir or hydra.run.dir), then resume with the same command"
-        )
-    return None
-
-
-def _user_error(error: BaseException) -> UserError | None:
-    """The :class:`UserError` behind ``error``: itself, or its cause when Hydra's instantiate wrapped an error
-    raised in a constructor (a task's or the datamodule's) into an InstantiationException."""
-    while error is not None and not isinstance(error, UserError):
-        error = error.__cause__ if isinstance(error, InstantiationException) else None
-    return error
 
 
 if __name__ == "__main__":
