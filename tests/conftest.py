@@ -70,3 +70,22 @@ def training_cli(run_dir: Path, shards: Path, experiment: str, *overrides: str) 
         text=True,
         timeout=600,
     )
+
+
+def spawn_ranks(target, folder: Path, world: int = 2, timeout: float = 120) -> dict:
+    """Run ``target(rank, world, port, folder, queue)`` in ``world`` spawned processes that rendezvous on a free
+    loopback port; returns what each put on the queue, as ``{rank: result}`` (``queue.put((rank, result))``)."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    processes = [context.Process(target=target, args=(rank, world, port, str(folder), queue)) for rank in range(world)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=timeout)
+    return dict(queue.get(timeout=5) for _ in processes)

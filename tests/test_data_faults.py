@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFile
 
-from conftest import training_cli, write_shards
+from conftest import spawn_ranks, training_cli, write_shards
 from trainer.data import Buckets, ImageTransform, SampleFilter, ShardDataset, ShardLoader
 from trainer.errors import DataError
 
@@ -288,25 +288,10 @@ def _iterate_one_bad_rank(rank: int, world_size: int, port: int, shard_dir: str,
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
 def test_a_rank_whose_data_yields_nothing_stops_every_rank(tmp_path: Path) -> None:
-    import socket
-
-    import torch.multiprocessing as mp
 
     write_shards(tmp_path, "good", 12, 12)
     write_tar(tmp_path / "text.tar", {f"k{j}.txt": b"a caption" for j in range(5)})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    processes = [
-        context.Process(target=_iterate_one_bad_rank, args=(rank, 2, port, str(tmp_path), queue)) for rank in range(2)
-    ]
-    for p in processes:
-        p.start()
-    for p in processes:
-        p.join(timeout=100)
-    results = dict(queue.get(timeout=5) for _ in processes)
+    results = spawn_ranks(_iterate_one_bad_rank, tmp_path, timeout=100)
     assert results[1].startswith("data: epoch 0 of rank 1 yielded no sample") and "missing_image 5" in results[1]
     assert results[0].startswith("data: rank 1 stopped the epoch:"), results[0]
 

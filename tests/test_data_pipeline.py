@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_shards
+from conftest import spawn_ranks, write_shards
 from trainer.data import (
     DataStats,
     ImageTransform,
@@ -303,25 +303,10 @@ def _iterate_uneven(rank: int, world_size: int, port: int, shard_dir: str, queue
 
 @pytest.mark.distributed
 def test_even_ranks_stop_together_when_shards_are_uneven(tmp_path: Path) -> None:
-    import socket
-
-    import torch.multiprocessing as mp
 
     write_shards(tmp_path, "long", 30, 30)  # read by rank 0 (no shuffle: shard i goes to rank i)
     write_shards(tmp_path, "short", 5, 5)  # read by rank 1
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    processes = [
-        context.Process(target=_iterate_uneven, args=(rank, 2, port, str(tmp_path), queue)) for rank in range(2)
-    ]
-    for p in processes:
-        p.start()
-    for p in processes:
-        p.join(timeout=120)
-    results = dict(queue.get(timeout=5) for _ in processes)
+    results = spawn_ranks(_iterate_uneven, tmp_path, timeout=120)
     # rank 1 has 5 samples = 2 batches of 4 (drop_last off: 4 + 1); rank 0 stops after as many
     assert results == {0: 2, 1: 2}
 
